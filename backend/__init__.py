@@ -1,0 +1,1 @@
+"""(placeholder package, filled in below)."""

@@ -1,0 +1,32 @@
+"""Build script: maps the top-level `passes/` and `backend/` folders to `qcompile.passes`
+and `qcompile.backend`, and compiles the Cython extensions.
+
+The explicit package list (no find_packages) is deliberate: an installed copy must not
+expose bare `passes` or `backend` packages.
+"""
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+PACKAGES = {
+    "qcompile": "qcompile",
+    "qcompile._native": "qcompile/_native",
+    "qcompile.ir": "qcompile/ir",
+    "qcompile.onnx_io": "qcompile/onnx_io",
+    "qcompile.passmanager": "qcompile/passmanager",
+    "qcompile.rewrite": "qcompile/rewrite",
+    "qcompile.analysis": "qcompile/analysis",
+    "qcompile.passes": "passes",
+    "qcompile.passes.rules": "passes/rules",
+    "qcompile.backend": "backend",
+}
+
+EXTENSIONS = [
+    Extension("qcompile._native.bitpack", ["qcompile/_native/bitpack.pyx"]),
+]
+
+setup(
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    ext_modules=cythonize(EXTENSIONS, language_level=3),
+    include_package_data=False,
+)
