@@ -1,1 +1,8 @@
-"""(placeholder package, filled in below)."""
+"""The built-in pass catalogue, installed as qcompile.passes.
+
+Importing this package registers every pass below with qcompile.passmanager; the CLI
+(the composition root) does so. The core never imports it.
+"""
+from . import canonicalize, dce, infer_shapes, upgrade_opset  # noqa: F401  (importing registers)
+
+__all__ = ["canonicalize", "dce", "infer_shapes", "upgrade_opset"]

@@ -5,6 +5,8 @@ else escaping is a bug and is reported as one.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 __all__ = ["QCompileError", "ModelLoadError", "PipelineError", "PassFailedError"]
 
 
@@ -17,7 +19,12 @@ class ModelLoadError(QCompileError):
 
 
 class PipelineError(QCompileError):
-    """A pass pipeline names an unknown pass or option, or an option has a bad value."""
+    """A pass pipeline names an unknown pass or option, or an option has a bad value.
+    `column` (1-based) is set when the error is at a place in the pipeline text."""
+
+    def __init__(self, message: str, column: Optional[int] = None):
+        super().__init__(message)
+        self.column = column
 
 
 class PassFailedError(QCompileError):

@@ -35,6 +35,10 @@ class Graph:
         # name -> (Value, SparseTensorProto): sparse constants, kept as imported
         self.sparse_initializers: Dict[str, tuple] = {}
         self.quantization_annotation: list = []  # TensorAnnotation, kept as is
+        # How the imported GraphProto declared its values (value_info order, repeated
+        # declarations), kept by qcompile.onnx_io so export writes them back; None for
+        # graphs built in Python. Passes need not maintain it.
+        self.onnx_declarations = None
         self.parent: Optional[Node] = None
         self._nodes: List[Node] = []
         self._names: Optional[Set[str]] = None

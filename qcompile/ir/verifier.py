@@ -5,7 +5,8 @@ returns the list of problems; `check` raises VerificationError listing them all.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Set
+import collections
+from typing import Dict, List, MutableMapping, Optional, Set
 
 from .graph import Graph
 from .model import Model
@@ -60,7 +61,8 @@ def _check_domains(model: Model, problems: List[str]) -> None:
         )
 
 
-def _check_graph(g: Graph, outer: List[Set[int]], names: Dict[str, Value], problems: List[str]) -> None:
+def _check_graph(g: Graph, outer: List[Set[int]], names: MutableMapping[str, Value],
+                 problems: List[str]) -> None:
     where = f"graph '{g.name}'"
     defined: Set[int] = set()
 
@@ -72,7 +74,7 @@ def _check_graph(g: Graph, outer: List[Set[int]], names: Dict[str, Value], probl
         elif v.name in names and names[v.name] is not v:
             problems.append(
                 f"{where}: the name %{v.name} is defined twice ({what} and an earlier value): "
-                "values must have unique names across the graph and its subgraphs; rename one"
+                "a name may be defined once in a graph and not again in its subgraphs; rename one"
             )
         names[v.name] = v
         defined.add(id(v))
@@ -131,7 +133,8 @@ def _check_graph(g: Graph, outer: List[Set[int]], names: Dict[str, Value], probl
         for sub in n.subgraphs():
             if sub.parent is not n:
                 problems.append(f"node {n.label}: subgraph '{sub.name}' does not point back to its node (internal bug)")
-            _check_graph(sub, scopes, names, problems)
+            # a subgraph sees the names defined so far; sibling subgraphs may reuse names, as in ONNX
+            _check_graph(sub, scopes, collections.ChainMap({}, names), problems)
     for i, v in enumerate(g.outputs):
         if not any(id(v) in s for s in scopes):
             problems.append(

@@ -1,28 +1,30 @@
 """IR -> ONNX.
 
 The inverse of the importer: untouched initializers are written as the protos they were
-read as, types the ONNX type system lacks travel in ValueInfo metadata, and files are
-written atomically (model and external-data files appear together or not at all).
+read as, value_info and output declarations come back in their imported order, types the
+ONNX type system lacks travel in ValueInfo metadata, and files are written atomically
+(model and external-data files appear together or not at all).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-from typing import Dict, List, Optional
+import shutil
+from typing import Dict, Optional, Set
 
-import numpy as np
 import onnx
 from onnx import external_data_helper
 
 from .._fileio import atomic_path
+from ..errors import QCompileError
 from ..ir.graph import Graph
 from ..ir.model import Model
 from ..ir.node import Attr
 from ..ir.tensor import Tensor
-from ..ir.types import OpaqueType, TensorType, Type
+from ..ir.types import OpaqueType, TensorType, Type, from_onnx
 from ..ir.value import Value
-from .importer import DTYPE_KEY, QUANT_KEY
+from .importer import DTYPE_KEY, QUANT_KEY, Declarations, KeptInfo
 
 __all__ = ["to_proto", "save", "type_to_proto"]
 
@@ -31,7 +33,7 @@ AttrType = onnx.AttributeProto.AttributeType
 
 def to_proto(model: Model) -> onnx.ModelProto:
     """The ModelProto of `model`. External initializers keep their external reference
-    (relative to the model's original folder)."""
+    (relative to the folder the model was loaded from): write files with `save`."""
     mp = onnx.ModelProto()
     mp.ir_version = model.ir_version
     for domain, version in model.opset_imports.items():
@@ -49,7 +51,7 @@ def to_proto(model: Model) -> onnx.ModelProto:
     if model.doc_string:
         mp.doc_string = model.doc_string
     _set_props(mp.metadata_props, model.metadata_props)
-    mp.graph.CopyFrom(_export_graph(model.graph))
+    _export_graph(model.graph, mp.graph)
     mp.functions.extend(model.functions)
     mp.training_info.extend(model.training_info)
     mp.configuration.extend(model.configuration)
@@ -60,9 +62,16 @@ def type_to_proto(t: Optional[Type]) -> Optional[onnx.TypeProto]:
     """The TypeProto of an IR type (None for an unknown type)."""
     if t is None:
         return None
-    if isinstance(t, OpaqueType):
-        return t.proto
     tp = onnx.TypeProto()
+    _write_type(t, tp)
+    return tp
+
+
+def _write_type(t: Type, tp: onnx.TypeProto) -> None:
+    """Fill the empty TypeProto `tp` with `t`."""
+    if isinstance(t, OpaqueType):
+        tp.CopyFrom(t.proto)
+        return
     tp.tensor_type.elem_type = t.dtype.onnx_type
     if t.shape is not None:
         shape = tp.tensor_type.shape
@@ -73,26 +82,33 @@ def type_to_proto(t: Optional[Type]) -> Optional[onnx.TypeProto]:
                 dim.dim_value = d
             elif isinstance(d, str):
                 dim.dim_param = d
-    return tp
 
 
 def save(model: Model, path: str) -> None:
-    """Write `model` to `path` atomically. Initializers stored as external data are
-    written to external-data files beside `path` (same relative locations)."""
+    """Write `model` to `path` atomically. The external-data files its initializers
+    read from are copied byte for byte beside `path`, at the same relative locations,
+    so every external reference stays valid unchanged."""
     proto = to_proto(model)
-    external = _external_tensors(proto)
     out_dir = os.path.dirname(os.path.abspath(path))
     with contextlib.ExitStack() as stack:
-        if external:
-            _write_external(external, _external_sources(model), out_dir, stack)
+        for location, source in _external_files(model).items():
+            target = os.path.join(out_dir, location)
+            if os.path.abspath(source) == os.path.abspath(target):
+                continue  # saving beside the original: the file is already there
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = stack.enter_context(atomic_path(target))
+            try:
+                shutil.copyfile(source, tmp)
+            except OSError as e:
+                raise QCompileError(f"cannot copy external data {source} to {target}: {e.strerror}") from None
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 f.write(proto.SerializeToString())
 
 
 # -- graphs --------------------------------------------------------------------------
-def _export_graph(g: Graph) -> onnx.GraphProto:
-    gp = onnx.GraphProto()
+def _export_graph(g: Graph, gp: onnx.GraphProto) -> None:
+    """Fill the empty GraphProto `gp` from `g` (in place, so nothing is copied twice)."""
     gp.name = g.name
     if g.doc_string:
         gp.doc_string = g.doc_string
@@ -103,7 +119,6 @@ def _export_graph(g: Graph) -> onnx.GraphProto:
         gp.initializer.append(v.const.to_proto(name))
     for _, sp in g.sparse_initializers.values():
         gp.sparse_initializer.append(sp)
-    outputs = {id(v) for v in g.outputs}
     for n in g.nodes:
         npb = gp.node.add()
         npb.input.extend("" if v is None else v.name for v in n.inputs)
@@ -118,24 +133,67 @@ def _export_graph(g: Graph) -> onnx.GraphProto:
         if n.doc_string:
             npb.doc_string = n.doc_string
         for a in n.attributes.values():
-            npb.attribute.append(_attr(a))
+            _attr(a, npb.attribute.add())
         _set_props(npb.metadata_props, n.metadata_props)
         npb.device_configurations.extend(n.device_configurations)
-        for v in n.outputs:
-            if v.name and v.type is not None and id(v) not in outputs:
-                gp.value_info.append(_value_info(v))
-    for v in g.outputs:
-        gp.output.append(_value_info(v))
+    _export_value_info(g, gp)
+    decls = g.onnx_declarations or Declarations()
+    for i, v in enumerate(g.outputs):
+        kept = decls.outputs.get(i)
+        if kept is not None and kept.proto.name == v.name and _unchanged(kept):
+            gp.output.append(kept.proto)
+        else:
+            gp.output.append(_value_info(v))
     gp.quantization_annotation.extend(g.quantization_annotation)
-    return gp
+
+
+def _export_value_info(g: Graph, gp: onnx.GraphProto) -> None:
+    """value_info: the imported entries in their order (kept ones while they still
+    describe their value, or name nothing known); then the initializers whose type says
+    more than their tensor (an int4 or quantized type, a doc string); then every other
+    typed node output. Graph inputs and outputs carry their own declarations."""
+    outputs = {id(v) for v in g.outputs}
+    local: Dict[str, Value] = {v.name: v for v in g.initializers.values()}
+    local.update((v.name, v) for n in g.nodes for v in n.outputs if v.name)
+    written: Set[str] = set()
+    for entry in (g.onnx_declarations or Declarations()).value_info:
+        if isinstance(entry, KeptInfo):
+            if entry.value is None or _unchanged(entry):
+                gp.value_info.append(entry.proto)
+            continue
+        v = local.get(entry)
+        if v is not None and id(v) not in outputs and entry not in written:
+            written.add(entry)
+            gp.value_info.append(_value_info(v))
+    inputs = {id(v) for v in g.inputs}
+    for name, v in g.initializers.items():
+        if id(v) not in inputs and id(v) not in outputs and name not in written and _says_more(v):
+            gp.value_info.append(_value_info(v))
+    for n in g.nodes:
+        for v in n.outputs:
+            if v.name and v.type is not None and id(v) not in outputs and v.name not in written:
+                gp.value_info.append(_value_info(v))
+
+
+def _says_more(v: Value) -> bool:
+    """True when an initializer's declaration holds more than the TensorProto written
+    for it (whose element type is the ONNX container of an int3 or ternary tensor)."""
+    return bool(v.doc_string or v.metadata_props) or (
+        v.type is not None and v.type != TensorType(from_onnx(v.const.dtype.onnx_type), v.const.shape))
+
+
+def _unchanged(kept: KeptInfo) -> bool:
+    """True while the kept declaration still describes its value: the value exists under
+    the same name with the type it had after import."""
+    v = kept.value
+    return v is not None and v.owning_graph() is not None and v.name == kept.proto.name and v.type == kept.type
 
 
 def _value_info(v: Value) -> onnx.ValueInfoProto:
     vi = onnx.ValueInfoProto()
     vi.name = v.name
-    tp = type_to_proto(v.type)
-    if tp is not None:
-        vi.type.CopyFrom(tp)
+    if v.type is not None:
+        _write_type(v.type, vi.type)
     if v.doc_string:
         vi.doc_string = v.doc_string
     props = dict(v.metadata_props)
@@ -158,8 +216,8 @@ def _set_props(field, props: Dict[str, str]) -> None:
         e.value = val
 
 
-def _attr(a: Attr) -> onnx.AttributeProto:
-    ap = onnx.AttributeProto()
+def _attr(a: Attr, ap: onnx.AttributeProto) -> None:
+    """Fill the empty AttributeProto `ap` from `a`."""
     ap.name = a.name
     ap.type = a.type
     if a.doc_string:
@@ -176,7 +234,7 @@ def _attr(a: Attr) -> onnx.AttributeProto:
     elif t == AttrType.TENSOR:
         ap.t.CopyFrom(_tensor(v))
     elif t == AttrType.GRAPH:
-        ap.g.CopyFrom(_export_graph(v))
+        _export_graph(v, ap.g)
     elif t == AttrType.SPARSE_TENSOR:
         ap.sparse_tensor.CopyFrom(v)
     elif t == AttrType.TYPE_PROTO:
@@ -190,12 +248,12 @@ def _attr(a: Attr) -> onnx.AttributeProto:
     elif t == AttrType.TENSORS:
         ap.tensors.extend(_tensor(x) for x in v)
     elif t == AttrType.GRAPHS:
-        ap.graphs.extend(_export_graph(x) for x in v)
+        for x in v:
+            _export_graph(x, ap.graphs.add())
     elif t == AttrType.SPARSE_TENSORS:
         ap.sparse_tensors.extend(v)
     elif t == AttrType.TYPE_PROTOS:
         ap.type_protos.extend(v)
-    return ap
 
 
 def _tensor(t: Tensor) -> onnx.TensorProto:
@@ -207,13 +265,10 @@ def _encode(s) -> bytes:
 
 
 # -- external data -------------------------------------------------------------------
-def _external_tensors(proto: onnx.ModelProto) -> List[onnx.TensorProto]:
-    return [t for t in external_data_helper._get_all_tensors(proto) if external_data_helper.uses_external_data(t)]
-
-
-def _external_sources(model: Model) -> Dict[str, str]:
-    """Folder each external-data location is read from, from the IR's tensors."""
-    sources: Dict[str, str] = {}
+def _external_files(model: Model) -> Dict[str, str]:
+    """{location: path of the file it is read from now} for every external-data file the
+    model's tensors (initializers and attribute tensors, subgraphs included) refer to."""
+    files: Dict[str, str] = {}
     for g in model.graph.walk():
         tensors = [v.const for v in g.initializers.values()]
         for n in g.nodes:
@@ -222,32 +277,11 @@ def _external_sources(model: Model) -> Dict[str, str]:
                 tensors += [t for t in vals if isinstance(t, Tensor)]
         for t in tensors:
             if t.is_external:
-                sources.setdefault(external_data_helper.ExternalDataInfo(t.proto).location, t.base_dir)
-    return sources
-
-
-def _write_external(tensors: List[onnx.TensorProto], sources: Dict[str, str], out_dir: str,
-                    stack: contextlib.ExitStack) -> None:
-    """Copy each external tensor's bytes into files under `out_dir` with the same
-    relative locations, updating offsets; the files are renamed into place only when
-    the whole save succeeds."""
-    blobs = []
-    for t in tensors:
-        info = external_data_helper.ExternalDataInfo(t)
-        path = os.path.join(sources.get(info.location, out_dir), info.location)
-        with open(path, "rb") as f:
-            f.seek(int(info.offset or 0))
-            blobs.append(f.read(int(info.length)) if info.length else f.read())
-    files: Dict[str, object] = {}
-    for t, data in zip(tensors, blobs):
-        location = external_data_helper.ExternalDataInfo(t).location
-        if location not in files:
-            target = os.path.join(out_dir, location)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            tmp = stack.enter_context(atomic_path(target))
-            files[location] = stack.enter_context(open(tmp, "wb"))
-        f = files[location]
-        offset = f.tell()
-        f.write(data)
-        del t.external_data[:]
-        external_data_helper.set_external_data(t, location, offset=offset, length=len(data))
+                location = external_data_helper.ExternalDataInfo(t.proto).location
+                source = os.path.abspath(t.external_path())
+                if files.setdefault(location, source) != source:
+                    raise QCompileError(
+                        f"external data location {location!r} is read from two files, {files[location]} and {source}: "
+                        "give the tensors from one of them a new location before saving"
+                    )
+    return files

@@ -4,13 +4,18 @@ Every opset the installed onnx knows is accepted and kept as it is. Whatever the
 does not model (local functions, training info, sparse initializers, non-tensor types)
 is kept as the proto it came as, so export gives back an equivalent model. Initializers
 stay lazily-decoded TensorProtos; external data is read only when a pass asks.
+
+The IR shares sub-messages (initializers, kept types) with the ModelProto it was built
+from: `load` owns its proto, but a caller of `from_proto` must not change the proto
+afterwards.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
-from typing import Dict, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Set, Union
 
 import numpy as np
 import onnx
@@ -24,7 +29,7 @@ from ..ir.tensor import Tensor
 from ..ir.types import OpaqueType, QuantParams, TensorType, Type, by_name, from_onnx
 from ..ir.value import Value
 
-__all__ = ["load", "from_proto", "type_from_proto", "DTYPE_KEY", "QUANT_KEY"]
+__all__ = ["load", "from_proto", "type_from_proto", "DTYPE_KEY", "QUANT_KEY", "Declarations", "KeptInfo"]
 
 AttrType = onnx.AttributeProto.AttributeType
 
@@ -32,6 +37,27 @@ AttrType = onnx.AttributeProto.AttributeType
 # and quantization parameters survive the trip through an ONNX file.
 DTYPE_KEY = "qcompile.dtype"
 QUANT_KEY = "qcompile.quant"
+
+
+@dataclasses.dataclass
+class KeptInfo:
+    """A ValueInfoProto that no Value can hold (a second declaration of a name, an
+    outer-scope or unknown name): written back as it is while `value` still exists with
+    the type it had after import, else regenerated from `value`."""
+
+    proto: onnx.ValueInfoProto
+    value: Optional[Value]
+    type: Optional[Type] = None
+
+
+@dataclasses.dataclass
+class Declarations:
+    """How a GraphProto declared its values (Graph.onnx_declarations): the value_info
+    list in order (a value's name, whose Value holds the declaration, or a KeptInfo) and
+    the graph outputs, by position, whose ValueInfoProto is kept."""
+
+    value_info: List[Union[str, KeptInfo]] = dataclasses.field(default_factory=list)
+    outputs: Dict[int, KeptInfo] = dataclasses.field(default_factory=dict)
 
 
 def load(path: str) -> Model:
@@ -48,8 +74,10 @@ def load(path: str) -> Model:
     proto = onnx.ModelProto()
     try:
         proto.ParseFromString(data)
-    except (DecodeError, RuntimeWarning, ValueError) as e:
-        raise ModelLoadError(f"{path}: not a valid ONNX model (protobuf parse failed: {e}); is the file truncated?") from None
+    except (DecodeError, RuntimeWarning, ValueError):
+        if _looks_like_text(data):
+            raise ModelLoadError(f"{path}: is a text file, not a binary ONNX model") from None
+        raise ModelLoadError(f"{path}: not a valid ONNX model (protobuf parse failed): the file is truncated or corrupt") from None
     if not proto.HasField("graph") or proto.ir_version == 0:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph or IR version found)")
     model = from_proto(proto, base_dir=os.path.dirname(os.path.abspath(path)), source=path)
@@ -57,12 +85,21 @@ def load(path: str) -> Model:
     return model
 
 
+def _looks_like_text(data: bytes) -> bool:
+    """True when the start of `data` is UTF-8 text without control bytes."""
+    text = data[:4096].decode("utf-8", errors="replace").rstrip("\ufffd")  # a character cut at the end
+    return bool(text) and all(c != "\ufffd" and (c.isprintable() or c in "\t\r\n") for c in text)
+
+
 def from_proto(proto: onnx.ModelProto, base_dir: str = "", source: str = "<model>") -> Model:
     """Build a Model from a ModelProto. `base_dir` resolves external-data paths."""
     opsets: Dict[str, int] = {}
     for op in proto.opset_import:
         opsets[op.domain] = int(op.version)
-    graph = _GraphImporter(base_dir, source).run(proto.graph, collections.ChainMap())
+    importer = _GraphImporter(base_dir, source)
+    graph = importer.run(proto.graph, collections.ChainMap())
+    for kept in importer.kept:  # types are final only once every graph is read
+        kept.type = None if kept.value is None else kept.value.type
     model = Model(graph, opsets, ir_version=int(proto.ir_version))
     model.producer_name = proto.producer_name
     model.producer_version = proto.producer_version
@@ -78,11 +115,12 @@ def from_proto(proto: onnx.ModelProto, base_dir: str = "", source: str = "<model
 
 def type_from_proto(tp: onnx.TypeProto, metadata: Optional[Mapping[str, str]] = None) -> Optional[Type]:
     """The IR type of a TypeProto: a TensorType when the IR models everything in it,
-    else an OpaqueType keeping the proto; None when no type is given."""
+    else an OpaqueType keeping the proto; None when no type is given. Raises ValueError
+    for unreadable qcompile type metadata."""
     which = tp.WhichOneof("value")
     if which is None and not tp.denotation:
         return None
-    if which == "tensor_type" and tp.tensor_type.elem_type and not tp.denotation:
+    if which == "tensor_type" and tp.tensor_type.elem_type in _KNOWN_ELEM_TYPES and not tp.denotation:
         tt = tp.tensor_type
         shape = None
         if tt.HasField("shape"):
@@ -99,10 +137,18 @@ def type_from_proto(tp: onnx.TypeProto, metadata: Optional[Mapping[str, str]] = 
             if DTYPE_KEY in metadata:
                 dtype = by_name(metadata[DTYPE_KEY])
             if QUANT_KEY in metadata:
-                q = json.loads(metadata[QUANT_KEY])
-                quant = QuantParams(np.asarray(q["scale"], np.float32), np.asarray(q["zero_point"], np.int64), q.get("axis"))
+                try:
+                    q = json.loads(metadata[QUANT_KEY])
+                    quant = QuantParams(np.asarray(q["scale"], np.float32), np.asarray(q["zero_point"], np.int64),
+                                        q.get("axis"))
+                except (TypeError, KeyError, json.JSONDecodeError) as e:
+                    raise ValueError(f"unreadable {QUANT_KEY} metadata ({e})") from None
         return TensorType(dtype, shape, quant)
     return OpaqueType(_copy(tp))
+
+
+# Element types this onnx knows (others, from newer files, keep their TypeProto).
+_KNOWN_ELEM_TYPES = frozenset(code for code in onnx.TensorProto.DataType.values() if code != onnx.TensorProto.UNDEFINED)
 
 
 def _copy(msg):
@@ -112,9 +158,13 @@ def _copy(msg):
 
 
 class _GraphImporter:
+    """Builds a Graph from a GraphProto, subgraphs included, resolving names through the
+    enclosing scopes so that captured outer values list their inner uses."""
+
     def __init__(self, base_dir: str, source: str):
         self.base_dir = base_dir
         self.source = source
+        self.kept: List[KeptInfo] = []
 
     def run(self, gp: onnx.GraphProto, outer: collections.ChainMap) -> Graph:
         g = Graph(gp.name)
@@ -125,21 +175,23 @@ class _GraphImporter:
         scope = outer.new_child(local)
 
         for vi in gp.input:
-            v = self._value_from_info(vi)
+            v = Value(vi.name)
+            self._apply_info(v, vi)
             v._graph = g
             g.inputs.append(v)
             local[vi.name] = v
+        inputs = dict(local)
         for tp in gp.initializer:
-            v = local.get(tp.name)
-            if v is None or not any(x is v for x in g.inputs):
-                v = Value(tp.name, TensorType(from_onnx(tp.data_type), tuple(int(d) for d in tp.dims)))
+            v = inputs.get(tp.name)
+            if v is None:
+                v = Value(tp.name, _tensor_type(tp.data_type, tp.dims))
                 local[tp.name] = v
             v.const = Tensor.from_proto(tp, self.base_dir)
             v._graph = g
             g.initializers[tp.name] = v
         for sp in gp.sparse_initializer:
             name = sp.values.name
-            v = local.get(name) or Value(name, TensorType(from_onnx(sp.values.data_type), tuple(int(d) for d in sp.dims)))
+            v = local.get(name) or Value(name, _tensor_type(sp.values.data_type, sp.dims))
             v._graph = g
             local[name] = v
             g.sparse_initializers[name] = (v, sp)
@@ -156,59 +208,81 @@ class _GraphImporter:
                 outs.append(v)
             outputs_of.append(outs)
 
-        for vi in gp.value_info:
-            v = local.get(vi.name)
-            if v is not None and v.producer is None and v.name not in g.initializers and not v.is_graph_input:
-                self._apply_info(v, vi)
         for np_, outs in zip(gp.node, outputs_of):
-            inputs = []
-            for i, name in enumerate(np_.input):
-                if not name:
-                    inputs.append(None)
-                    continue
-                v = scope.get(name)
-                if v is None:
-                    label = f"'{np_.name}' ({np_.op_type})" if np_.name else f"<unnamed {np_.op_type}>"
-                    raise ModelLoadError(
-                        f"{self.source}: node {label} input {i} {name!r} is not defined by any graph input, "
-                        f"initializer or node output in graph '{gp.name}'"
-                    )
-                inputs.append(v)
-            attrs = {a.name: self._attr(a, scope) for a in np_.attribute}
-            node = Node(np_.op_type, inputs, attrs, outputs=outs, domain=np_.domain, name=np_.name)
-            node.overload = np_.overload
-            node.doc_string = np_.doc_string
-            node.metadata_props = {p.key: p.value for p in np_.metadata_props}
-            node.device_configurations = list(np_.device_configurations)
-            node._graph = g
-            for sub in node.subgraphs():
-                sub.parent = node
-            g._nodes.append(node)
+            g._nodes.append(self._node(np_, outs, scope, g, gp.name))
 
-        value_info = {vi.name: vi for vi in gp.value_info}
-        for vi in value_info.values():
-            v = local.get(vi.name)
-            if v is not None and v.producer is not None:
-                self._apply_info(v, vi)
-        for vi in gp.output:
+        self._declarations(gp, g, local, scope, declared={id(v) for v in g.inputs})
+        return g
+
+    def _node(self, np_: onnx.NodeProto, outs: List[Value], scope: collections.ChainMap, g: Graph,
+              graph_name: str) -> Node:
+        inputs = []
+        for i, name in enumerate(np_.input):
+            if not name:
+                inputs.append(None)
+                continue
+            v = scope.get(name)
+            if v is None:
+                label = f"'{np_.name}' ({np_.op_type})" if np_.name else f"<unnamed {np_.op_type}>"
+                raise ModelLoadError(
+                    f"{self.source}: node {label} input {i} {name!r} is not defined by any graph input, "
+                    f"initializer or node output in graph '{graph_name}'"
+                )
+            inputs.append(v)
+        attrs = {a.name: self._attr(a, scope) for a in np_.attribute}
+        node = Node(np_.op_type, inputs, attrs, outputs=outs, domain=np_.domain, name=np_.name)
+        node.overload = np_.overload
+        node.doc_string = np_.doc_string
+        node.metadata_props = {p.key: p.value for p in np_.metadata_props}
+        node.device_configurations = list(np_.device_configurations)
+        node._graph = g
+        for sub in node.subgraphs():
+            sub.parent = node
+        return node
+
+    def _declarations(self, gp: onnx.GraphProto, g: Graph, local: Dict[str, Value], scope: collections.ChainMap,
+                      declared: Set[int]) -> None:
+        """Apply the outputs' and value_info's ValueInfoProtos to the values they declare.
+
+        A graph output declares its value when that is a node output or a non-input
+        initializer of this graph not declared before; a value_info entry likewise,
+        when its value is not also a graph output. Every other entry (a graph input
+        repeated as output, an outer-scope or unknown name, a repeat) is kept as it is.
+        """
+        decls = Declarations()
+        for i, vi in enumerate(gp.output):
             v = scope.get(vi.name)
             if v is None:
                 raise ModelLoadError(
                     f"{self.source}: graph '{gp.name}' output {vi.name!r} is not defined by any input, initializer or node"
                 )
-            self._apply_info(v, vi)
             g.outputs.append(v)
-        return g
+            if vi.name in local and id(v) not in declared:
+                declared.add(id(v))
+                self._apply_info(v, vi)
+            else:
+                decls.outputs[i] = self._keep(vi, v)
+        for vi in gp.value_info:
+            v = scope.get(vi.name)
+            if vi.name in local and id(v) not in declared:
+                declared.add(id(v))
+                self._apply_info(v, vi)
+                decls.value_info.append(vi.name)
+            else:
+                decls.value_info.append(self._keep(vi, v))
+        g.onnx_declarations = decls
 
-    def _value_from_info(self, vi: onnx.ValueInfoProto) -> Value:
-        v = Value(vi.name)
-        self._apply_info(v, vi)
-        return v
+    def _keep(self, vi: onnx.ValueInfoProto, v: Optional[Value]) -> KeptInfo:
+        kept = KeptInfo(vi, v)
+        self.kept.append(kept)
+        return kept
 
-    @staticmethod
-    def _apply_info(v: Value, vi: onnx.ValueInfoProto) -> None:
+    def _apply_info(self, v: Value, vi: onnx.ValueInfoProto) -> None:
         meta = {p.key: p.value for p in vi.metadata_props}
-        v.type = type_from_proto(vi.type, meta)
+        try:
+            v.type = type_from_proto(vi.type, meta)
+        except ValueError as e:
+            raise ModelLoadError(f"{self.source}: value {vi.name!r}: {e}") from None
         v.doc_string = vi.doc_string
         v.metadata_props = {k: x for k, x in meta.items() if k not in (DTYPE_KEY, QUANT_KEY)}
 
@@ -245,6 +319,13 @@ class _GraphImporter:
         else:
             value = None
         return Attr(a.name, t, value, a.doc_string, a.ref_attr_name)
+
+
+def _tensor_type(elem_type: int, dims) -> Optional[TensorType]:
+    """The type of an initializer (None for an element type this onnx does not know)."""
+    if elem_type not in _KNOWN_ELEM_TYPES:
+        return None
+    return TensorType(from_onnx(elem_type), tuple(int(d) for d in dims))
 
 
 def _decode(s: bytes):
