@@ -1,7 +1,7 @@
 """The ONNX round-trip conformance harness: onnx's own test models through qcompile.
 
 Every case is run in onnxruntime before and after a qcompile round trip, and the outputs
-must be equal bit for bit. Cases come from four places:
+must be equal bit for bit. Cases come from three places:
 
 1. the node test cases that `onnx.backend.test.case.node.collect_testcases(None)`
    generates, with the inputs they ship (suite "node");
@@ -9,18 +9,23 @@ must be equal bit for bit. Cases come from four places:
    simple}`: `model.onnx` plus `test_data_set_N/input_*.pb`, read the way onnx's own
    runner reads them (TensorProto, SequenceProto, OptionalProto, MapProto);
 3. the light models `onnx/backend/test/data/light/*.onnx`, which ship no inputs: they
-   get seeded random inputs of the declared shapes and element types.
+   get seeded random inputs of the declared shapes and element types (suite "light").
 
 A case is *runnable* when onnxruntime (CPU, one thread, the same SessionOptions for every
 session) builds a session for the ORIGINAL model and runs it on the case's inputs; cases
 it cannot run say why and are counted apart. A runnable case *passes* when the model
 imported with `from_proto`, verified and exported with `to_proto` (and, for file-based
-cases, also `qcompile.load` then `qcompile.save` through a temporary folder) gives
+cases, also `qcompile.load`, verify, `qcompile.save` through a temporary folder) gives
 outputs of the same type, shape and bytes as the original: NaNs must sit in the same
 places with the same bits; sequences, optionals and maps are compared element by element.
 
-Run `python tests/roundtrip_cases.py [-k SUBSTRING] [--suite NAME]` for the counts per
-suite and the failures; tests/test_roundtrip_conformance.py runs the same cases in pytest.
+Beyond outputs, `check_structure` asks every case, runnable or not, for the same
+ModelProto back (`structure_difference`: equal once fields explicitly set to their
+default value count as unset).
+
+Run `python tests/roundtrip_cases.py [-k SUBSTRING] [--suite NAME] [--not-runnable]` for
+the counts per suite and the failures; tests/test_roundtrip_conformance.py runs the same
+cases in pytest.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ import dataclasses
 import functools
 import glob
 import os
+import re
 import sys
 import tempfile
 import time
@@ -57,7 +63,7 @@ DATA_DIR = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data
 DATA_SUITES = ("pytorch-converted", "pytorch-operator", "simple")
 SUITES = ("node",) + DATA_SUITES + ("light",)
 
-Inputs = List[Any]  # one value per fed graph input, in graph-input order
+Inputs = Dict[str, Any]  # graph input name -> value
 
 
 @dataclasses.dataclass
@@ -105,7 +111,8 @@ def node_cases() -> List[Case]:
     """The generated node test cases (about 1,900), with their shipped inputs."""
     cases = []
     for tc in _node_testcases():
-        sets = [list(inputs) for inputs, _ in tc.data_sets or []]
+        names = _fed_input_names(tc.model)
+        sets = [dict(zip(names, inputs)) for inputs, _ in tc.data_sets or []]
         cases.append(Case("node", tc.name, functools.partial(lambda m, s: (m, s), tc.model, sets)))
     return cases
 
@@ -146,8 +153,15 @@ def _load_data_dir(path: str) -> Tuple[onnx.ModelProto, List[Inputs]]:
     sets = []
     for folder in sorted(glob.glob(os.path.join(os.path.dirname(path), "test_data_set_*"))):
         files = sorted(glob.glob(os.path.join(folder, "input_*.pb")), key=lambda f: int(f.rsplit("_", 1)[1][:-3]))
-        sets.append([_read_value(f, model.graph.input[i].type) for i, f in enumerate(files)])
+        inputs = model.graph.input
+        sets.append({inputs[i].name: _read_value(f, inputs[i].type) for i, f in enumerate(files)})
     return model, sets
+
+
+def _fed_input_names(model: onnx.ModelProto) -> List[str]:
+    """The graph inputs that no initializer backs, which a test feeds in order."""
+    inits = {t.name for t in model.graph.initializer}
+    return [vi.name for vi in model.graph.input if vi.name not in inits]
 
 
 def _read_value(path: str, tp: onnx.TypeProto) -> Any:
@@ -177,20 +191,20 @@ def random_inputs(model: onnx.ModelProto, seed: int) -> Inputs:
     shape (unknown or symbolic dims become 1) and element type; floats are standard
     normal, integers in [0, 4), booleans fair coins."""
     rng = np.random.default_rng(seed)
-    inits = {t.name for t in model.graph.initializer}
-    values = []
+    names = set(_fed_input_names(model))
+    values = {}
     for vi in model.graph.input:
-        if vi.name in inits:
+        if vi.name not in names:
             continue
         tt = vi.type.tensor_type
         shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tt.shape.dim)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         if dtype == np.bool_:
-            values.append(rng.random(shape) < 0.5)
+            values[vi.name] = rng.random(shape) < 0.5
         elif np.issubdtype(dtype, np.integer):
-            values.append(rng.integers(0, 4, shape).astype(dtype))
+            values[vi.name] = rng.integers(0, 4, shape).astype(dtype)
         else:
-            values.append(rng.standard_normal(shape).astype(dtype))
+            values[vi.name] = rng.standard_normal(shape).astype(dtype)
     return values
 
 
@@ -236,13 +250,12 @@ def run_model(model: Any, inputs: Inputs) -> List[Any]:
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     sess = ort.InferenceSession(model, session_options(), providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
     try:
-        return sess.run(None, {name: _feed_value(v) for name, v in zip(names, inputs)})
+        return sess.run(None, {name: _feed_value(v) for name, v in inputs.items()})
     except Exception as e:  # noqa: BLE001 - onnxruntime raises plain exceptions
         if "No corresponding Numpy type" not in str(e):
             raise
-    feeds = {name: _feed_value(v, as_ort_value=True) for name, v in zip(names, inputs)}
+    feeds = {name: _feed_value(v, as_ort_value=True) for name, v in inputs.items()}
     return [_raw_output(v) for v in sess.run_with_ort_values(None, feeds)]
 
 
@@ -352,14 +365,20 @@ def file_round_trip(path: str, folder: str) -> str:
 
 
 def check_structure(case: Case) -> Optional[str]:
-    """None when the round trip gives back the same proto (see structure_difference),
-    else what differs. Runs for every case, runnable or not."""
+    """None when the round trip (and, for file-based cases, load/save too) gives back the
+    same proto (see structure_difference), else what differs. Runs for every case,
+    runnable or not."""
     proto, _ = case.load()
     try:
-        exported = round_trip(proto)
+        difference = structure_difference(proto, round_trip(proto))
+        if difference is None and case.path is not None:
+            with tempfile.TemporaryDirectory(prefix="qcompile-rt-") as tmp:
+                saved = onnx.load(file_round_trip(case.path, tmp), load_external_data=False)
+            difference = structure_difference(proto, saved)
+            return None if difference is None else f"load/save: {difference}"
     except Exception as e:  # noqa: BLE001
         return f"round trip raised {type(e).__name__}: {_first_line(e)}"
-    return structure_difference(proto, exported)
+    return difference
 
 
 def run_case(case: Case) -> Result:
@@ -481,16 +500,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def reason_kind(reason: str) -> str:
-    """A not-runnable reason without its node/op specifics, for counting."""
+    """A not-runnable reason without its node and op specifics, for counting."""
+    kernel = re.search(r"(?:implementation for|kernel for) \w+\((\d+)\)", reason)
+    if kernel:
+        if int(kernel.group(1)) < 7:
+            return "no CPU kernel at this old opset (1-6)"
+        return "no CPU kernel for this op, opset or type"
     for marker, kind in (
-        ("is not a registered function/op", "op or domain not registered in onnxruntime (training ops)"),
-        ("Could not find an implementation", "no CPU kernel for this op/opset/type"),
-        ("Failed to find kernel", "no CPU kernel for this op/opset/type"),
-        ("Failed to construct locale", "StringNormalizer needs the en_US.UTF-8 locale, not installed"),
+        ("is not a registered function/op", "op of a domain onnxruntime does not register (ai.onnx.preview*)"),
+        ("Failed to construct locale", "StringNormalizer needs the en_US.UTF-8 locale, not installed here"),
         ("layout == 1) are not supported", "batchwise (layout=1) RNN/GRU/LSTM unsupported"),
-        ("Type Error", "onnxruntime's type checker rejects the model"),
-        ("INVALID_GRAPH", "onnxruntime rejects the graph"),
-        ("Non-zero status code", "kernel error at run time"),
+        ("Non-zero status code", "kernel error at run time (unsupported attribute or input combination)"),
     ):
         if marker in reason:
             return kind

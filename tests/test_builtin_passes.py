@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import qcompile.passes  # noqa: F401  (registers the built-in passes)
-from qcompile.errors import PipelineError
+from qcompile.errors import PassFailedError, PipelineError
 from qcompile.ir import INT8, Model, TensorType, int_type
 from qcompile.onnx_io import from_proto, to_proto
 from qcompile.passmanager import PassManager, StatisticsInstrument, available_passes, get_pass
@@ -218,6 +218,7 @@ def test_upgrade_opset_converts_and_keeps_numerics():
     stats = StatisticsInstrument()
     result = PassManager.parse("upgrade-opset", instruments=[stats]).run(model)
     assert result.modified and result.model.opset == 13
+    assert result.model is not model and model.opset == 11  # a new model; the input is kept
     assert [len(n.inputs) for n in result.model.graph] == [2, 2]  # axes became inputs
     assert stats.entries[0].counters == {"opset 11 -> 13": 1}
     np.testing.assert_array_equal(before[0], ort_outputs(result.model, x)[0])
@@ -227,6 +228,14 @@ def test_upgrade_opset_never_downgrades():
     model = make([helper.make_node("Relu", ["x"], ["y"])], [tensor("x", [1])], [tensor("y", [1])], opset=17)
     result = run("upgrade-opset{version=13}", model)
     assert not result.modified and result.model.opset == 17
+
+
+def test_upgrade_opset_failure_names_the_pass():
+    model = make([helper.make_node("NotAnOp", ["x"], ["y"])], [tensor("x", [1])], [tensor("y", [1])], opset=11)
+    with pytest.raises(PassFailedError) as e:
+        run("dce,upgrade-opset", model)
+    assert str(e.value).startswith("pass 'upgrade-opset' failed after [dce]: ")
+    assert "'NotAnOp'" in str(e.value)
 
 
 def test_upgrade_opset_version_is_checked():

@@ -26,7 +26,7 @@ from qcompile.ir import (
     int_type,
 )
 from qcompile.onnx_io import from_proto, to_proto, upgrade_opset
-from roundtrip_cases import compare_outputs, node_cases, run_model, structure_difference
+from roundtrip_cases import compare_outputs, data_dir_cases, node_cases, run_model, structure_difference
 
 
 def info(name, shape, elem=TensorProto.FLOAT):
@@ -82,7 +82,7 @@ def test_external_data_file_is_kept_and_copied(tmp_path, location):
     saved = onnx.load(str(out), load_external_data=False)
     assert external_refs(saved) == external_refs(original)
     assert structure_difference(original, saved) is None
-    x = [np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)]
+    x = {"x": np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)}
     assert compare_outputs(run_model(path, x), run_model(str(out), x)) is None
     np.testing.assert_array_equal(weights.numpy(), numpy_helper.to_array(onnx.load(path).graph.initializer[0]))
 
@@ -93,12 +93,11 @@ def test_save_beside_the_original_keeps_its_data_file(tmp_path):
     qcompile.save(qcompile.load(path), path)
     assert (tmp_path / "weights.bin").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["mlp.onnx", "weights.bin"]  # no temporary files left
-    x = [np.ones((2, 4), np.float32)]
-    assert run_model(path, x)[0].shape == (2, 8)
+    assert run_model(path, {"x": np.ones((2, 4), np.float32)})[0].shape == (2, 8)
 
 
 def test_missing_external_data_file_is_a_clear_error(tmp_path):
-    path = mlp_with_external_data(str(tmp_path / ""))
+    path = mlp_with_external_data(str(tmp_path))
     model = qcompile.load(path)
     os.remove(tmp_path / "weights.bin")
     out = tmp_path / "out"
@@ -154,7 +153,7 @@ def test_old_opset_model_runs_the_same():
     proto = annotated_model(opset=7)
     proto.graph.node[2].CopyFrom(helper.make_node("Neg", ["b"], ["y"], name="neg"))  # onnxruntime lacks com.example
     exported = assert_same(proto)
-    x = [np.array([-5.0, 0.5, 1.0], np.float32)]
+    x = {"x": np.array([-5.0, 0.5, 1.0], np.float32)}
     assert compare_outputs(run_model(proto, x), run_model(exported, x)) is None
 
 
@@ -174,7 +173,7 @@ def test_repeated_and_outer_declarations_are_kept():
     model = from_proto(proto)
     assert str(model.graph.inputs[1].type) == "f32[3]"  # not overwritten by the output's ValueInfo
     for c in (True, False):
-        feeds = [np.array(c), np.array([-1.0, 2.0, -3.0], np.float32)]
+        feeds = {"c": np.array(c), "x": np.array([-1.0, 2.0, -3.0], np.float32)}
         assert compare_outputs(run_model(proto, feeds), run_model(exported, feeds)) is None
 
 
@@ -245,8 +244,8 @@ def test_captured_outer_values_list_their_inner_uses():
     exported = assert_same(proto)
     rng = np.random.default_rng(3)
     for c in (True, False):
-        feeds = [np.array(c), np.array(3, np.int64), rng.standard_normal(3).astype(np.float32),
-                 rng.standard_normal((4, 3)).astype(np.float32)]
+        feeds = {"c": np.array(c), "n": np.array(3, np.int64), "x": rng.standard_normal(3).astype(np.float32),
+                 "rows": rng.standard_normal((4, 3)).astype(np.float32)}
         assert compare_outputs(run_model(proto, feeds), run_model(exported, feeds)) is None
 
 
@@ -338,7 +337,7 @@ def test_upgrade_opset_converts_logs_and_leaves_the_original(caplog):
     assert all(n.inputs[1].const is not None for n in upgraded.graph)  # axes became initializers
     assert upgraded.graph.nodes[0].metadata_props == {"origin": "layer1"}  # the converter drops it; restored
     check(upgraded)
-    x = [np.arange(6, dtype=np.float32).reshape(2, 3)]
+    x = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}
     assert compare_outputs(run_model(proto, x), run_model(to_proto(upgraded), x)) is None
 
 
@@ -350,7 +349,7 @@ def test_upgrade_opset_keeps_external_data(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     qcompile.save(upgraded, str(out / "mlp.onnx"))
-    x = [np.ones((2, 4), np.float32)]
+    x = {"x": np.ones((2, 4), np.float32)}
     assert compare_outputs(run_model(path, x), run_model(str(out / "mlp.onnx"), x)) is None
 
 
@@ -384,3 +383,39 @@ def test_upgrade_to_the_same_opset_is_a_copy(caplog):
         same = upgrade_opset(model, 11)
     assert same is not model and same.opset == 11 and "upgraded" not in caplog.text
     assert structure_difference(to_proto(model), to_proto(same)) is None
+
+
+def old_opset_cases():
+    """The pytorch-* models at opsets 1-6 (34 of them use ops onnxruntime has no CPU
+    kernel for at that opset)."""
+    cases = []
+    for case in data_dir_cases(("pytorch-converted", "pytorch-operator")):
+        opset = onnx.load(case.path, load_external_data=False).opset_import[0].version
+        if opset < 7:
+            cases.append(case)
+    return cases
+
+
+# onnx's converter keeps PRelu's [C] slope as is, but from opset 7 on it broadcasts
+# from the right, so these models no longer describe per-channel slopes.
+CONVERTER_CANNOT = {f"pytorch-converted/test_PReLU_{d}d_multiparam": "PRelu" for d in (1, 2, 3)}
+
+
+@pytest.mark.parametrize("case", old_opset_cases(), ids=lambda c: c.id)
+def test_upgrade_opset_makes_old_models_runnable(case):
+    """Old models stay at their opset unless asked; upgraded to 13 they run in
+    onnxruntime and give onnx's reference outputs."""
+    _, (inputs, *_) = case.load()
+    model = qcompile.load(case.path)
+    assert model.opset < 7
+    folder = os.path.join(os.path.dirname(case.path), "test_data_set_0")
+    expected = [numpy_helper.to_array(onnx.load_tensor(os.path.join(folder, f)))
+                for f in sorted(os.listdir(folder)) if f.startswith("output_")]
+    upgraded = to_proto(upgrade_opset(model, 13))
+    if case.id in CONVERTER_CANNOT:
+        with pytest.raises(Exception, match=CONVERTER_CANNOT[case.id]):
+            run_model(upgraded, inputs)
+        return
+    for want, got in zip(expected, run_model(upgraded, inputs)):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5, equal_nan=True)
+

@@ -302,6 +302,8 @@ def test_duplicate_names_and_non_passes_are_refused(scratch_registry):
 
     with pytest.raises(TypeError, match="which is not a subclass of Pass"):
         register_pass("t-not-a-pass")(object)
+    with pytest.raises(ValueError, match=r"First is already registered as 't-dup'; a pass has one name"):
+        register_pass("t-alias")(First)
     # re-registering the same class (a reloaded module) is fine
     register_pass("t-dup")(First)
 

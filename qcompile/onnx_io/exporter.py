@@ -28,12 +28,18 @@ from .importer import DTYPE_KEY, QUANT_KEY, Declarations, KeptInfo
 
 __all__ = ["to_proto", "save", "type_to_proto"]
 
-AttrType = onnx.AttributeProto.AttributeType
+AttrType = onnx.AttributeProto  # its AttributeType values as class attributes: plain ints, fast to read
 
 
 def to_proto(model: Model) -> onnx.ModelProto:
     """The ModelProto of `model`. External initializers keep their external reference
     (relative to the folder the model was loaded from): write files with `save`."""
+    return _to_proto(model, {})
+
+
+def _to_proto(model: Model, external: Dict[str, str]) -> onnx.ModelProto:
+    """to_proto, also filling `external` with {location: file it is read from now} for
+    every external-data file the model's tensors refer to."""
     mp = onnx.ModelProto()
     mp.ir_version = model.ir_version
     for domain, version in model.opset_imports.items():
@@ -51,7 +57,7 @@ def to_proto(model: Model) -> onnx.ModelProto:
     if model.doc_string:
         mp.doc_string = model.doc_string
     _set_props(mp.metadata_props, model.metadata_props)
-    _export_graph(model.graph, mp.graph)
+    _export_graph(model.graph, mp.graph, external)
     mp.functions.extend(model.functions)
     mp.training_info.extend(model.training_info)
     mp.configuration.extend(model.configuration)
@@ -88,10 +94,11 @@ def save(model: Model, path: str) -> None:
     """Write `model` to `path` atomically. The external-data files its initializers
     read from are copied byte for byte beside `path`, at the same relative locations,
     so every external reference stays valid unchanged."""
-    proto = to_proto(model)
+    external: Dict[str, str] = {}
+    proto = _to_proto(model, external)
     out_dir = os.path.dirname(os.path.abspath(path))
     with contextlib.ExitStack() as stack:
-        for location, source in _external_files(model).items():
+        for location, source in external.items():
             target = os.path.join(out_dir, location)
             if os.path.abspath(source) == os.path.abspath(target):
                 continue  # saving beside the original: the file is already there
@@ -107,8 +114,9 @@ def save(model: Model, path: str) -> None:
 
 
 # -- graphs --------------------------------------------------------------------------
-def _export_graph(g: Graph, gp: onnx.GraphProto) -> None:
-    """Fill the empty GraphProto `gp` from `g` (in place, so nothing is copied twice)."""
+def _export_graph(g: Graph, gp: onnx.GraphProto, external: Dict[str, str]) -> None:
+    """Fill the empty GraphProto `gp` from `g` (in place, so nothing is copied twice),
+    noting external-data files in `external`."""
     gp.name = g.name
     if g.doc_string:
         gp.doc_string = g.doc_string
@@ -116,7 +124,7 @@ def _export_graph(g: Graph, gp: onnx.GraphProto) -> None:
     for v in g.inputs:
         gp.input.append(_value_info(v))
     for name, v in g.initializers.items():
-        gp.initializer.append(v.const.to_proto(name))
+        gp.initializer.append(_tensor(v.const, name, external))
     for _, sp in g.sparse_initializers.values():
         gp.sparse_initializer.append(sp)
     for n in g.nodes:
@@ -133,7 +141,7 @@ def _export_graph(g: Graph, gp: onnx.GraphProto) -> None:
         if n.doc_string:
             npb.doc_string = n.doc_string
         for a in n.attributes.values():
-            _attr(a, npb.attribute.add())
+            _attr(a, npb.attribute.add(), external)
         _set_props(npb.metadata_props, n.metadata_props)
         npb.device_configurations.extend(n.device_configurations)
     _export_value_info(g, gp)
@@ -216,7 +224,7 @@ def _set_props(field, props: Dict[str, str]) -> None:
         e.value = val
 
 
-def _attr(a: Attr, ap: onnx.AttributeProto) -> None:
+def _attr(a: Attr, ap: onnx.AttributeProto, external: Dict[str, str]) -> None:
     """Fill the empty AttributeProto `ap` from `a`."""
     ap.name = a.name
     ap.type = a.type
@@ -232,9 +240,9 @@ def _attr(a: Attr, ap: onnx.AttributeProto) -> None:
     elif t == AttrType.STRING:
         ap.s = _encode(v)
     elif t == AttrType.TENSOR:
-        ap.t.CopyFrom(_tensor(v))
+        ap.t.CopyFrom(_tensor(v, v.proto.name if v.proto is not None else "", external))
     elif t == AttrType.GRAPH:
-        _export_graph(v, ap.g)
+        _export_graph(v, ap.g, external)
     elif t == AttrType.SPARSE_TENSOR:
         ap.sparse_tensor.CopyFrom(v)
     elif t == AttrType.TYPE_PROTO:
@@ -246,42 +254,28 @@ def _attr(a: Attr, ap: onnx.AttributeProto) -> None:
     elif t == AttrType.STRINGS:
         ap.strings.extend(_encode(s) for s in v)
     elif t == AttrType.TENSORS:
-        ap.tensors.extend(_tensor(x) for x in v)
+        ap.tensors.extend(_tensor(x, x.proto.name if x.proto is not None else "", external) for x in v)
     elif t == AttrType.GRAPHS:
         for x in v:
-            _export_graph(x, ap.graphs.add())
+            _export_graph(x, ap.graphs.add(), external)
     elif t == AttrType.SPARSE_TENSORS:
         ap.sparse_tensors.extend(v)
     elif t == AttrType.TYPE_PROTOS:
         ap.type_protos.extend(v)
 
 
-def _tensor(t: Tensor) -> onnx.TensorProto:
-    return t.to_proto(t.proto.name if t.proto is not None else "")
+def _tensor(t: Tensor, name: str, external: Dict[str, str]) -> onnx.TensorProto:
+    """The TensorProto of `t` named `name`, noting its external-data file if it has one."""
+    if t.is_external:
+        location = external_data_helper.ExternalDataInfo(t.proto).location
+        source = os.path.abspath(t.external_path())
+        if external.setdefault(location, source) != source:
+            raise QCompileError(
+                f"external data location {location!r} is read from two files, {external[location]} and {source}: "
+                "give the tensors from one of them a new location before saving"
+            )
+    return t.to_proto(name)
 
 
 def _encode(s) -> bytes:
     return s if isinstance(s, bytes) else s.encode("utf-8")
-
-
-# -- external data -------------------------------------------------------------------
-def _external_files(model: Model) -> Dict[str, str]:
-    """{location: path of the file it is read from now} for every external-data file the
-    model's tensors (initializers and attribute tensors, subgraphs included) refer to."""
-    files: Dict[str, str] = {}
-    for g in model.graph.walk():
-        tensors = [v.const for v in g.initializers.values()]
-        for n in g.nodes:
-            for a in n.attributes.values():
-                vals = a.value if isinstance(a.value, list) else [a.value]
-                tensors += [t for t in vals if isinstance(t, Tensor)]
-        for t in tensors:
-            if t.is_external:
-                location = external_data_helper.ExternalDataInfo(t.proto).location
-                source = os.path.abspath(t.external_path())
-                if files.setdefault(location, source) != source:
-                    raise QCompileError(
-                        f"external data location {location!r} is read from two files, {files[location]} and {source}: "
-                        "give the tensors from one of them a new location before saving"
-                    )
-    return files

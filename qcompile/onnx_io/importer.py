@@ -31,7 +31,7 @@ from ..ir.value import Value
 
 __all__ = ["load", "from_proto", "type_from_proto", "DTYPE_KEY", "QUANT_KEY", "Declarations", "KeptInfo"]
 
-AttrType = onnx.AttributeProto.AttributeType
+AttrType = onnx.AttributeProto  # its AttributeType values as class attributes: plain ints, fast to read
 
 # ValueInfo metadata keys through which integer types ONNX lacks (int3, ternary, ...)
 # and quantization parameters survive the trip through an ONNX file.
@@ -77,7 +77,9 @@ def load(path: str) -> Model:
     except (DecodeError, RuntimeWarning, ValueError):
         if _looks_like_text(data):
             raise ModelLoadError(f"{path}: is a text file, not a binary ONNX model") from None
-        raise ModelLoadError(f"{path}: not a valid ONNX model (protobuf parse failed): the file is truncated or corrupt") from None
+        raise ModelLoadError(
+            f"{path}: not a valid ONNX model (protobuf parse failed): the file is truncated or corrupt"
+        ) from None
     if not proto.HasField("graph") or proto.ir_version == 0:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph or IR version found)")
     model = from_proto(proto, base_dir=os.path.dirname(os.path.abspath(path)), source=path)
@@ -101,6 +103,7 @@ def from_proto(proto: onnx.ModelProto, base_dir: str = "", source: str = "<model
     for kept in importer.kept:  # types are final only once every graph is read
         kept.type = None if kept.value is None else kept.value.type
     model = Model(graph, opsets, ir_version=int(proto.ir_version))
+    model.opset_imports = opsets  # even when empty (Model would default it)
     model.producer_name = proto.producer_name
     model.producer_version = proto.producer_version
     model.domain = proto.domain
@@ -236,8 +239,9 @@ class _GraphImporter:
         node.metadata_props = {p.key: p.value for p in np_.metadata_props}
         node.device_configurations = list(np_.device_configurations)
         node._graph = g
-        for sub in node.subgraphs():
-            sub.parent = node
+        if any(a.type in (AttrType.GRAPH, AttrType.GRAPHS) for a in attrs.values()):
+            for sub in node.subgraphs():
+                sub.parent = node
         return node
 
     def _declarations(self, gp: onnx.GraphProto, g: Graph, local: Dict[str, Value], scope: collections.ChainMap,

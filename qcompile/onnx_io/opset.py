@@ -37,7 +37,9 @@ def upgrade_opset(model: Model, version: int) -> Model:
     if version < before:
         raise QCompileError(f"{name}: cannot upgrade from opset {before} to the older opset {version}")
     if version > latest:
-        raise QCompileError(f"{name}: cannot upgrade to opset {version}: the installed onnx knows opsets up to {latest}")
+        raise QCompileError(
+            f"{name}: cannot upgrade to opset {version}: the installed onnx knows opsets up to {latest}"
+        )
     proto = to_proto(model)
     if version > before:
         _check_ops_known(proto.graph, name)
@@ -47,7 +49,8 @@ def upgrade_opset(model: Model, version: int) -> Model:
             raise QCompileError(
                 f"{name}: onnx's version converter cannot bring it from opset {before} to {version}: {_reason(e)}"
             ) from None
-        converted.ir_version = max(proto.ir_version, helper.find_min_ir_version_for(list(converted.opset_import), ignore_unknown=True))
+        needed = helper.find_min_ir_version_for(list(converted.opset_import), ignore_unknown=True)
+        converted.ir_version = max(proto.ir_version, needed)
         proto = converted
     result = from_proto(proto, base_dir=_base_dir(model), source=name)
     result.path = model.path
@@ -82,12 +85,15 @@ def _restore_annotations(old: Graph, new: Graph) -> None:
         n.metadata_props = n.metadata_props or dict(o.metadata_props)
         for key, attr in n.attributes.items():
             old_attr = o.attributes.get(key)
-            if old_attr is None:
-                continue
-            pairs = zip(attr.value, old_attr.value) if isinstance(attr.value, list) else [(attr.value, old_attr.value)]
-            for sub, old_sub in pairs:
-                if isinstance(sub, Graph) and isinstance(old_sub, Graph):
+            if old_attr is not None:
+                for sub, old_sub in zip(_graphs(attr.value), _graphs(old_attr.value)):
                     _restore_annotations(old_sub, sub)
+
+
+def _graphs(value) -> list:
+    """The graphs an attribute value holds."""
+    values = value if isinstance(value, list) else [value]
+    return [g for g in values if isinstance(g, Graph)]
 
 
 def _carries_qcompile_type(t) -> bool:

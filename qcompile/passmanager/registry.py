@@ -61,6 +61,8 @@ def _add(name: str, cls: type) -> None:
     _check_name(name)
     if not (isinstance(cls, type) and issubclass(cls, Pass)):
         raise TypeError(f"register_pass({name!r}) decorates {cls!r}, which is not a subclass of Pass")
+    if cls.name != name and _registry.get(cls.name) is cls:
+        raise ValueError(f"{_qualified(cls)} is already registered as {cls.name!r}; a pass has one name")
     old = _registry.get(name)
     if old is not None and old is not cls and _qualified(old) != _qualified(cls):
         raise ValueError(
