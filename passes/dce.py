@@ -51,7 +51,6 @@ class DeadCodeElimination(Pass):
                 changed |= self._sweep(sub)
         for node in reversed(graph.nodes):
             if self._is_dead(node, graph):
-                _detach_subgraphs(node)
                 graph.remove(node)
                 self.stats["nodes removed"] += 1
                 changed = True
@@ -80,11 +79,3 @@ class DeadCodeElimination(Pass):
             del graph.sparse_initializers[name]
         if dead or sparse_dead:
             self.stats["initializers removed"] += len(dead) + len(sparse_dead)
-
-
-def _detach_subgraphs(node: Node) -> None:
-    """Drop the uses that nodes inside `node`'s subgraphs hold on outer values, so the
-    producers of values only a removed If/Loop body read become dead too."""
-    for sub in node.subgraphs():
-        for inner in sub.all_nodes():
-            inner.clear_inputs()

@@ -3,11 +3,13 @@
     import qcompile
     model = qcompile.load("model.onnx")
     print(model.graph)
-    qcompile.save(model, "out.onnx")
+    result = qcompile.PassManager.parse("canonicalize,dce").run(model)
+    qcompile.save(result.model, "out.onnx")
 """
 from .errors import ModelLoadError, PassFailedError, PipelineError, QCompileError
 from .ir import Graph, Model, Node, Value, check, verify
 from .onnx_io import load, save
+from .passmanager import Pass, PassManager, PassResult, option, register_pass
 
 __version__ = "0.1.0"
 
@@ -16,13 +18,18 @@ __all__ = [
     "Model",
     "ModelLoadError",
     "Node",
+    "Pass",
     "PassFailedError",
+    "PassManager",
+    "PassResult",
     "PipelineError",
     "QCompileError",
     "Value",
     "check",
     "from_torch",
     "load",
+    "option",
+    "register_pass",
     "save",
     "verify",
 ]

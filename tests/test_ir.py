@@ -145,3 +145,20 @@ def test_networkx_view_and_constants():
     assert g.find_cycle() is None
     with pytest.raises(ValueError, match="used by"):
         g.remove_initializer(c.name)
+
+
+def test_removing_a_node_with_a_subgraph_releases_captured_values():
+    g = Graph("outer")
+    x = g.add_input(Value("x", TensorType(FLOAT, (1,))))
+    relu = g.append(Node("Relu", [x], name="relu"))
+    body = Graph("then")
+    inner = body.append(Node("Neg", [relu.output], name="neg"))
+    body.add_output(inner.output)
+    cond = g.add_input(Value("c", TensorType(FLOAT, ())))
+    branch = g.append(Node("If", [cond], {"then_branch": body, "else_branch": body}, name="if"))
+    assert relu.output.users == [inner]
+    assert g.captured_values(branch) == [relu.output]
+    g.remove(branch)
+    assert relu.output.uses == [] and inner.inputs == (relu.output,)
+    g.append(branch)  # re-inserting restores the captured use
+    assert relu.output.users == [inner]

@@ -6,8 +6,9 @@ import qcompile.onnx_io
 
 def test_top_level_api():
     assert sorted(qcompile.__all__) == sorted([
-        "Graph", "Model", "ModelLoadError", "Node", "PassFailedError", "PipelineError", "QCompileError",
-        "Value", "check", "from_torch", "load", "save", "verify",
+        "Graph", "Model", "ModelLoadError", "Node", "Pass", "PassFailedError", "PassManager", "PassResult",
+        "PipelineError", "QCompileError", "Value", "check", "from_torch", "load", "option", "register_pass",
+        "save", "verify",
     ])
     for name in qcompile.__all__:
         assert hasattr(qcompile, name), name

@@ -95,8 +95,27 @@ class Graph:
                     "redirect them first with Value.replace_all_uses_with"
                 )
         node.clear_inputs()
+        self._set_captured_uses(node, present=False)
         self._nodes.remove(node)
         node._graph = None
+
+    @staticmethod
+    def _set_captured_uses(node: Node, present: bool) -> None:
+        """Add or drop the uses that nodes inside `node`'s subgraphs hold on values of
+        enclosing graphs, so a removed If/Loop body no longer keeps outer values alive
+        (and re-inserting the node restores them). The inner input lists stay as they are."""
+        inner_graphs = {id(g) for sub in node.subgraphs() for g in sub.walk()}
+        for sub in node.subgraphs():
+            for inner in sub.all_nodes():
+                for i, v in enumerate(inner.inputs):
+                    if v is None:
+                        continue
+                    owner = v.owning_graph()
+                    if owner is None or id(owner) not in inner_graphs:
+                        if present:
+                            v._add_use(inner, i)
+                        else:
+                            v._remove_use(inner, i)
 
     def _position(self, anchor: Node) -> int:
         if anchor._graph is not self:
@@ -114,6 +133,7 @@ class Graph:
                 self._root()._known_names().add(v.name)
         for g in node.subgraphs():
             g.parent = node
+        self._set_captured_uses(node, present=True)
 
     # -- values ----------------------------------------------------------------------
     def add_input(self, value: Value) -> Value:
