@@ -499,8 +499,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 1 if failed or changed else 0
 
 
+KNOWN_REASON_KINDS = frozenset({
+    "no CPU kernel at this old opset (1-6)",
+    "no CPU kernel for this op, opset or type",
+    "op of a domain onnxruntime does not register (ai.onnx.preview*)",
+    "StringNormalizer needs the en_US.UTF-8 locale, not installed here",
+    "batchwise (layout=1) RNN/GRU/LSTM unsupported",
+    "kernel error at run time (unsupported attribute or input combination)",
+})
+
+
 def reason_kind(reason: str) -> str:
-    """A not-runnable reason without its node and op specifics, for counting."""
+    """A not-runnable reason without its node and op specifics, for counting (one of
+    KNOWN_REASON_KINDS, or the reason itself when it is of no known kind)."""
     kernel = re.search(r"(?:implementation for|kernel for) \w+\((\d+)\)", reason)
     if kernel:
         if int(kernel.group(1)) < 7:
