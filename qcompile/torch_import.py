@@ -40,8 +40,9 @@ def from_torch(
     afterwards). `input_names`, `output_names` and `dynamic_axes` are passed to
     `torch.onnx.export` as they are. `dynamo=False` (default) uses the TorchScript
     exporter, which is fast; `dynamo=True` uses the torch.export based exporter, which
-    needs the onnxscript package. Raises QCompileError when torch is missing or the
-    export fails.
+    needs the onnxscript package, folds BatchNormalization into convolutions, and writes
+    opset 18 or newer when it cannot convert down to `opset` (it logs why). Raises
+    QCompileError when torch (or, for dynamo, onnxscript) is missing or the export fails.
     """
     if sys.modules.get("torch", False) is None:  # blocked on purpose (tests, minimal installs)
         raise QCompileError(_NO_TORCH)

@@ -52,10 +52,13 @@ def test_from_torch_matches_torch_and_plain_export(name):
 
 def test_expected_ops_are_present():
     """The builders exercise what they claim to (residual Add, mask, recurrences)."""
-    ops = {}
+    ops, inputs = {}, {}
     for name in ("resnet", "transformer", "lstm", "gru"):
         module, args = BUILDERS[name]()
-        ops[name] = {n.op_type for n in qcompile.from_torch(module, args).graph.all_nodes()}
+        graph = qcompile.from_torch(module, args).graph
+        ops[name] = {n.op_type for n in graph.all_nodes()}
+        inputs[name] = len(graph.inputs)
+    assert inputs["transformer"] == 2, "the padding mask is a graph input"
     assert {"Conv", "Add", "Relu", "GlobalAveragePool", "Gemm"} <= ops["resnet"]
     assert {"MatMul", "Softmax", "Where"} <= ops["transformer"]
     assert ops["transformer"] & {"LayerNormalization", "ReduceMean"}
@@ -91,6 +94,25 @@ def test_bad_arguments_are_qcompile_errors():
         qcompile.from_torch(lambda x: x, torch.randn(2))
     with pytest.raises(QCompileError, match="example_inputs"):
         qcompile.from_torch(torch.nn.ReLU(), [1.0, 2.0])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_dynamo_exporter():
+    pytest.importorskip("onnxscript")
+    module, args = BUILDERS["resnet"]()
+    with torch.no_grad():
+        expected = module(*args).numpy()
+    model = qcompile.from_torch(module, args, dynamo=True)
+    qcompile.check(model)
+    (out,) = _ort_run(to_proto(model).SerializeToString(), [a.numpy() for a in args])
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_dynamo_without_onnxscript_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    module, args = BUILDERS["lstm"]()
+    with pytest.raises(QCompileError, match="needs the onnxscript package"):
+        qcompile.from_torch(module, args, dynamo=True)
 
 
 def test_missing_torch_is_a_clear_error(monkeypatch):
