@@ -133,3 +133,97 @@ def test_dot_output_escapes_and_connects():
     assert "input0 -> node0" in dot and "node0 -> output0" in dot
     assert "w: f32[3,4]" in dot  # weights folded into the node label
     assert "init0" in to_dot(model.graph, show_initializers=True)
+
+
+# -- shape inference ---------------------------------------------------------------------
+def _model(nodes, inputs, outputs, inits=(), opsets=(("", 17),)):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets]))
+
+
+def _types(model):
+    return {v.name: str(v.type) for g in model.graph.walk() for v in g.values()}
+
+
+def _vi(name, shape, elem=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def test_infer_shapes_folds_shape_arithmetic_and_counts_changes():
+    """Shape -> Gather -> Concat -> Reshape resolves through data propagation; the
+    symbolic batch survives; the count is the values whose type changed."""
+    idx = helper.make_tensor("i", TensorProto.INT64, [1], [0])
+    minus1 = helper.make_tensor("m", TensorProto.INT64, [1], [-1])
+    model = _model([helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "i"], ["n"]),
+                    helper.make_node("Concat", ["n", "m"], ["t"], axis=0), helper.make_node("Reshape", ["x", "t"], ["y"])],
+                   [_vi("x", ["N", 3, 4])], [_vi("y", None)], [idx, minus1])
+    before = _types(model)
+    assert infer_shapes(model) == 4  # s, n, t new; y gains its shape
+    after = _types(model)
+    assert after["y"] == "f32[N,12]" and after["t"] == "i64[2]"
+    assert {k: v for k, v in after.items() if k in ("x", "i", "m")} == {k: before[k] for k in ("x", "i", "m")}
+    assert infer_shapes(model) == 0  # idempotent
+    assert [n.op_type for n in model.graph.nodes] == ["Shape", "Gather", "Concat", "Reshape"]
+
+
+def test_infer_shapes_keeps_qcompile_types_and_merges_dims():
+    """An int4 value (stored as int8) stays int4; a known dim beats an unknown one;
+    ONNX's invented `unk__` symbols become unknown."""
+    from qcompile.ir import TensorType, int_type
+
+    model = _model([helper.make_node("Identity", ["x"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+                    helper.make_node("Reshape", ["b", "s"], ["y"])],
+                   [_vi("x", [2, 8], TensorProto.INT8), _vi("s", [2], TensorProto.INT64)], [_vi("y", None, TensorProto.INT8)])
+    a = model.graph.value("a")
+    a.type = TensorType(int_type(4), (None, 8))
+    infer_shapes(model)
+    assert str(a.type) == "i4[2,8]"
+    assert str(model.graph.value("b").type) == "i8[2,8]"
+    assert str(model.graph.value("y").type) == "i8[?,?]"  # rank from `s`, sizes unknown, no unk__ names
+
+
+def test_infer_shapes_survives_ops_it_cannot_type():
+    """A custom-domain op (not even imported) and an unknown standard op leave their
+    outputs alone; every other value is still typed."""
+    model = _model([helper.make_node("Foo", ["x"], ["a"], domain="my.ops"), helper.make_node("Relu", ["x"], ["b"]),
+                    helper.make_node("Add", ["a", "b"], ["c"]), helper.make_node("NoSuchOp", ["b"], ["d"]),
+                    helper.make_node("Sigmoid", ["b"], ["y"])],
+                   [_vi("x", [1, 4])], [_vi("y", None)])
+    assert infer_shapes(model) >= 2
+    types = _types(model)
+    assert types["a"] == "None" and types["d"] == "None"
+    assert types["b"] == "f32[1,4]" and types["y"] == "f32[1,4]"
+
+
+def test_infer_shapes_falls_back_node_by_node(monkeypatch):
+    """When whole-model inference raises, each node is inferred on its own (constant
+    shape inputs included) and failures are skipped."""
+    def broken(*args, **kwargs):
+        raise onnx.shape_inference.InferenceError("simulated failure")
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", broken)
+    shape = helper.make_tensor("s", TensorProto.INT64, [2], [0, -1])
+    model = _model([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Foo", ["a"], ["b"], domain="my.ops"),
+                    helper.make_node("Reshape", ["a", "s"], ["c"]), helper.make_node("Add", ["b", "c"], ["y"])],
+                   [_vi("x", ["N", 3, 4])], [_vi("y", None)], [shape], opsets=(("", 17), ("my.ops", 1)))
+    assert infer_shapes(model) == 2
+    types = _types(model)
+    assert (types["a"], types["b"], types["c"]) == ("f32[N,3,4]", "None", "f32[N,12]")
+
+
+def test_infer_shapes_types_subgraphs_and_large_weights():
+    """Values inside an If branch get types; a large initializer is typed as an input
+    to inference (its data is never needed for shapes) and keeps its data."""
+    big = np.arange(64 * 40, dtype=np.float32).reshape(64, 40)
+    then_graph = helper.make_graph([helper.make_node("Relu", ["h"], ["t"])], "then", [], [_vi("t", None)])
+    else_graph = helper.make_graph([helper.make_node("Neg", ["h"], ["e"])], "else", [], [_vi("e", None)])
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["h"]),
+                    helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph)],
+                   [_vi("x", [2, 64]), _vi("cond", [], TensorProto.BOOL)], [_vi("y", None)],
+                   [onnx.numpy_helper.from_array(big, "w")])
+    infer_shapes(model)
+    types = _types(model)
+    assert (types["h"], types["t"], types["e"], types["y"]) == ("f32[2,40]",) * 4
+    assert model.graph.initializers["w"].const_value is not None
+    np.testing.assert_array_equal(model.graph.initializers["w"].const_value, big)
+    assert [v.name for v in model.graph.inputs] == ["x", "cond"]
