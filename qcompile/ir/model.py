@@ -1,7 +1,7 @@
 """Models: a main graph plus what ONNX keeps around it (opsets, metadata, functions)."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from .graph import Graph
 
@@ -27,6 +27,9 @@ class Model:
         self.training_info: List = []  # TrainingInfoProto
         self.configuration: List = []  # DeviceConfigurationProto
         self.path: Optional[str] = None  # file it was loaded from, if any
+        # Results passes hand to later passes (calibration statistics, say), by name.
+        # In memory only: never exported to ONNX.
+        self.annotations: Dict[str, Any] = {}
 
     @property
     def opset(self) -> int:

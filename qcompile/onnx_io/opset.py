@@ -54,6 +54,7 @@ def upgrade_opset(model: Model, version: int) -> Model:
         proto = converted
     result = from_proto(proto, base_dir=_base_dir(model), source=name)
     result.path = model.path
+    result.annotations = dict(model.annotations)
     if version > before:
         _restore_annotations(model.graph, result.graph)
         if result.ir_version >= 4:  # older IR versions need initializers listed as inputs too
