@@ -1,6 +1,7 @@
 """Shape inference, MAC counts, summaries and DOT output."""
 import io
 import json
+import re
 import warnings
 
 import numpy as np
@@ -153,10 +154,11 @@ def test_infer_shapes_folds_shape_arithmetic_and_counts_changes():
     """Shape -> Gather -> Concat -> Reshape resolves through data propagation; the
     symbolic batch survives; the count is the values whose type changed."""
     idx = helper.make_tensor("i", TensorProto.INT64, [1], [0])
-    minus1 = helper.make_tensor("m", TensorProto.INT64, [1], [-1])
+    twelve = helper.make_tensor("m", TensorProto.INT64, [1], [12])
     model = _model([helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "i"], ["n"]),
-                    helper.make_node("Concat", ["n", "m"], ["t"], axis=0), helper.make_node("Reshape", ["x", "t"], ["y"])],
-                   [_vi("x", ["N", 3, 4])], [_vi("y", None)], [idx, minus1])
+                    helper.make_node("Concat", ["n", "m"], ["t"], axis=0),
+                    helper.make_node("Reshape", ["x", "t"], ["y"])],
+                   [_vi("x", ["N", 3, 4])], [_vi("y", None)], [idx, twelve])
     before = _types(model)
     assert infer_shapes(model) == 4  # s, n, t new; y gains its shape
     after = _types(model)
@@ -167,17 +169,18 @@ def test_infer_shapes_folds_shape_arithmetic_and_counts_changes():
 
 
 def test_infer_shapes_keeps_qcompile_types_and_merges_dims():
-    """An int4 value (stored as int8) stays int4; a known dim beats an unknown one;
+    """An int3 value (stored as int8) stays int3; a known dim beats an unknown one;
     ONNX's invented `unk__` symbols become unknown."""
     from qcompile.ir import TensorType, int_type
 
     model = _model([helper.make_node("Identity", ["x"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
                     helper.make_node("Reshape", ["b", "s"], ["y"])],
-                   [_vi("x", [2, 8], TensorProto.INT8), _vi("s", [2], TensorProto.INT64)], [_vi("y", None, TensorProto.INT8)])
+                   [_vi("x", [2, 8], TensorProto.INT8), _vi("s", [2], TensorProto.INT64)],
+                   [_vi("y", None, TensorProto.INT8)])
     a = model.graph.value("a")
-    a.type = TensorType(int_type(4), (None, 8))
+    a.type = TensorType(int_type(3), (None, 8))
     infer_shapes(model)
-    assert str(a.type) == "i4[2,8]"
+    assert str(a.type) == "i3[2,8]"
     assert str(model.graph.value("b").type) == "i8[2,8]"
     assert str(model.graph.value("y").type) == "i8[?,?]"  # rank from `s`, sizes unknown, no unk__ names
 
@@ -227,3 +230,146 @@ def test_infer_shapes_types_subgraphs_and_large_weights():
     assert model.graph.initializers["w"].const_value is not None
     np.testing.assert_array_equal(model.graph.initializers["w"].const_value, big)
     assert [v.name for v in model.graph.inputs] == ["x", "cond"]
+
+
+# -- more MAC counts: attention, einsum, recurrent and residual torch models ------------
+@pytest.mark.parametrize("node, inputs, expected", [
+    # 4-D attention: 2 batches x 4 heads x 6 queries x 10 keys x (8 for QK^T + 16 for PV)
+    (helper.make_node("Attention", ["q", "k", "v"], ["y"]),
+     [("q", [2, 4, 6, 8]), ("k", [2, 2, 10, 8]), ("v", [2, 2, 10, 16])], 2 * 4 * 6 * 10 * (8 + 16)),
+    # the same in the 3-D layout with head counts as attributes
+    (helper.make_node("Attention", ["q", "k", "v"], ["y"], q_num_heads=4, kv_num_heads=2),
+     [("q", [2, 6, 32]), ("k", [2, 10, 16]), ("v", [2, 10, 32])], 2 * 4 * 6 * 10 * (8 + 16)),
+    # past keys lengthen the key sequence to 13
+    (helper.make_node("Attention", ["q", "k", "v", "", "pk", "pv"], ["y", "present_k", "present_v"]),
+     [("q", [2, 4, 6, 8]), ("k", [2, 2, 10, 8]), ("v", [2, 2, 10, 16]), ("pk", [2, 2, 3, 8]), ("pv", [2, 2, 3, 16])],
+     2 * 4 * 6 * 13 * (8 + 16)),
+    (helper.make_node("Einsum", ["a", "b"], ["y"], equation="bij,bjk->bik"), [("a", [2, 3, 4]), ("b", [2, 4, 5])], 120),
+    (helper.make_node("Einsum", ["a", "b"], ["y"], equation="...ij,...jk"), [("a", [2, 3, 4]), ("b", [2, 4, 5])], 120),
+    # 3-D conv (any rank): 2 x 4 x 3^3 outputs (padding 1) x 2 channels x 27 taps
+    (helper.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 6), [("x", [2, 2, 3, 3, 3]), ("w", [4, 2, 3, 3, 3])],
+     2 * 4 * 27 * 2 * 27),
+])
+def test_macs_attention_einsum_conv3d(node, inputs, expected):
+    graph = helper.make_graph([node], "g", [_vi(n, s) for n, s in inputs], [_vi(o, None) for o in node.output])
+    model = from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]))
+    infer_shapes(model)
+    assert node_macs(model.graph.nodes[0]) == expected
+
+
+def _layer_macs(torch, module, *args):
+    """MACs of the Conv/Linear/LSTM layers of `module`, from the layers' own sizes and
+    the shapes forward hooks see (not from the ONNX graph)."""
+    total = 0
+
+    def hook(layer, inputs, output):
+        nonlocal total
+        if isinstance(layer, torch.nn.Conv2d):
+            k = layer.kernel_size[0] * layer.kernel_size[1]
+            total += output.numel() * (layer.in_channels // layer.groups) * k
+        elif isinstance(layer, torch.nn.Linear):
+            total += output.numel() * layer.in_features
+        elif isinstance(layer, torch.nn.LSTM):
+            batch, seq = inputs[0].shape[:2] if layer.batch_first else inputs[0].shape[1::-1]
+            dirs = 2 if layer.bidirectional else 1
+            h = layer.hidden_size
+            for i in range(layer.num_layers):
+                size_in = layer.input_size if i == 0 else dirs * h
+                total += seq * batch * dirs * 4 * h * (size_in + h)
+
+    handles = [m.register_forward_hook(hook) for m in module.modules()]
+    with torch.no_grad():
+        module(*args)
+    for h in handles:
+        h.remove()
+    return total
+
+
+def test_resnet_macs_match_torch_layers():
+    """The residual CNN of the torch tests (BatchNorm folded by the exporter, strided
+    1x1 projections, residual Adds): summary MACs equal the layers' MACs."""
+    torch = pytest.importorskip("torch")
+    import qcompile
+    from torch_models import resnet
+
+    module, args = resnet()
+    expected = _layer_macs(torch, module, *args)
+    model = qcompile.from_torch(module, args)
+    infer_shapes(model)
+    s = summarize(model)
+    assert s.unknown_macs == [] and s.total_macs == expected
+    assert s.op_histogram["Conv"] == 6 and sum(r.macs for r in s.nodes if r.op == "Conv") > 0
+
+
+def test_bidirectional_lstm_macs_match_torch_layers():
+    torch = pytest.importorskip("torch")
+    import qcompile
+
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(6, 16, num_layers=2, bidirectional=True, batch_first=True).eval()
+    x = torch.randn(3, 7, 6)
+    model = qcompile.from_torch(lstm, x)
+    infer_shapes(model)
+    s = summarize(model)
+    assert s.op_histogram["LSTM"] == 2
+    assert s.total_macs == _layer_macs(torch, lstm, x) == 3 * 7 * 2 * 4 * 16 * (6 + 16 + 32 + 16)
+
+
+# -- DOT ---------------------------------------------------------------------------------
+_DOT_TOKEN = re.compile(r'\s*(?:(?P<str>"(?:[^"\\]|\\.)*")|(?P<arrow>->)|(?P<id>[A-Za-z_][A-Za-z0-9_]*|-?[0-9.]+)'
+                        r'|(?P<punct>[{}\[\];,=]))', re.S)
+
+
+def _dot_statements(text):
+    """Tokenize DOT (failing on anything that is not a DOT token) and return the node
+    ids declared and the edges, checking brackets balance."""
+    pos, tokens = 0, []
+    while pos < len(text.rstrip()):
+        m = _DOT_TOKEN.match(text, pos)
+        assert m, f"not DOT at {text[pos:pos + 40]!r}"
+        tokens.append((m.lastgroup, m.group(m.lastgroup)))
+        pos = m.end()
+    depth = {"{": 0, "[": 0}
+    for kind, tok in tokens:
+        if tok in "{[":
+            depth[tok] += 1
+        elif tok in "}]":
+            depth["{" if tok == "}" else "["] -= 1
+            assert min(depth.values()) >= 0
+    assert depth == {"{": 0, "[": 0}
+    nodes, edges = set(), []
+    statements, current, in_attrs = [], [], False
+    for kind, tok in tokens[3:-1]:  # inside `digraph "name" { ... }`
+        in_attrs = (in_attrs or tok == "[") and tok != "]"
+        if tok == ";" and not in_attrs:
+            statements.append(current)
+            current = []
+        else:
+            current.append(tok)
+    for st in statements:
+        if len(st) > 2 and st[1] == "->":
+            edges.append((st[0], st[2]))
+        elif st and st[0] not in ("node", "edge", "graph") and (len(st) == 1 or st[1] == "["):
+            nodes.add(st[0])
+    return nodes, edges
+
+
+def test_dot_is_valid_with_hostile_names_and_shows_kinds():
+    """Names with quotes, backslashes, braces and newlines stay inside their strings;
+    every edge joins declared nodes; inputs, outputs and initializers look different."""
+    nasty = 'x "quoted" \\ back{slash}\nnew;line'
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", [nasty, "w"], ["h"], name='mm "1"'), helper.make_node("Relu", ["h"], ["y\\n"])],
+        'graph "g"', [_vi(nasty, [2, 4])], [_vi("y\\n", None)], [weight("w", [4, 3])])
+    model = from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    infer_shapes(model)
+    for show in (False, True):
+        dot = to_dot(model.graph, show_initializers=show)
+        nodes, edges = _dot_statements(dot)
+        assert edges and all(a in nodes and b in nodes for a, b in edges)
+        assert ("init0" in nodes) is show
+        lines = {ident: line for ident in nodes for line in dot.splitlines() if line.strip().startswith(ident + " [")}
+        shapes = {re.search(r"shape=(\w+)", lines[i]).group(1) if "shape=" in lines[i] else "box" for i in nodes}
+        assert {"ellipse", "box"} <= shapes and (("note" in shapes) is show)
+    assert '\\"quoted\\" \\\\ back{slash}\\nnew;line' in dot
+    assert 'y\\\\n\\nf32[2,3]' in dot

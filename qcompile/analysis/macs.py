@@ -7,8 +7,14 @@ Counted (each MAC is one multiply and one add of the op's inner product):
   4. MatMul / MatMulInteger / QLinearMatMul: prod(output shape) * K, any batch broadcast.
   5. RNN / GRU / LSTM: seq * directions * batch * gates * hidden * (input + hidden),
      gates = 1, 3, 4.
-Everything else counts 0 MACs. Symbolic dimensions (a dynamic batch "N") are taken as 1,
-so counts are per inference; a shape that is unknown gives None.
+  6. Attention (opset 23): Q @ K^T and P @ V over the total key length (past keys
+     included): key length * (numel(Q) + numel(Y)), for 3-D and 4-D layouts alike.
+     Attention written out as MatMuls (what exporters emit) is case 4.
+  7. Einsum: numel(output) * the product of the contracted (summed-out) index sizes,
+     the naive loop nest's multiply-adds; ellipses are handled.
+Everything else counts 0 MACs (elementwise ops, pooling, normalisation, softmax).
+Symbolic dimensions (a dynamic batch "N") are taken as 1, so counts are per inference; a
+shape that is unknown gives None.
 """
 from __future__ import annotations
 
@@ -81,4 +87,46 @@ def node_macs(node: Node) -> Optional[int]:
         layout = node.attr("layout", 0)
         seq, batch = (x[1], x[0]) if layout else (x[0], x[1])
         return seq * w[0] * batch * _GATES[op] * hidden * (x[2] + hidden)
+    if op == "Attention":
+        return _attention_macs(node)
+    if op == "Einsum":
+        return _einsum_macs(node)
     return 0
+
+
+def _attention_macs(node: Node) -> Optional[int]:
+    q, k, y = (static_shape(v) for v in (node.inputs[0], node.inputs[1], node.outputs[0]))
+    if q is None or k is None or y is None or len(q) not in (3, 4) or len(k) != len(q):
+        return None
+    keys = k[-2] if len(k) == 4 else k[1]
+    past = node.inputs[4] if len(node.inputs) > 4 else None
+    if past is not None:
+        p = static_shape(past)
+        if p is None or len(p) != 4:
+            return None
+        keys += p[2]
+    return keys * (_prod(q) + _prod(y))
+
+
+def _einsum_macs(node: Node) -> Optional[int]:
+    equation = str(node.attr("equation", "")).replace(" ", "")
+    terms, _, out = equation.partition("->")
+    terms = terms.split(",")
+    shapes = [static_shape(v) for v in node.inputs]
+    y = static_shape(node.outputs[0])
+    if y is None or any(s is None for s in shapes) or len(shapes) != len(terms):
+        return None
+    sizes = {}
+    for term, shape in zip(terms, shapes):
+        left, dots, right = term.partition("...")
+        if len(left) + len(right) > len(shape) or (not dots and len(term) != len(shape)):
+            return None  # malformed equation: the verifier or onnxruntime says why
+        sizes.update(zip(left, shape[:len(left)]))
+        sizes.update(zip(right, shape[len(shape) - len(right):]))
+    letters = "".join(terms).replace(".", "")
+    if "->" in equation:
+        kept = set(out.replace(".", ""))
+    else:  # implicit output: the indices that occur once
+        kept = {c for c in letters if letters.count(c) == 1}
+    contracted = [sizes[c] for c in set(letters) - kept]
+    return _prod(y) * _prod(contracted)
