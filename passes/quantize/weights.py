@@ -1,0 +1,173 @@
+"""Weight quantization: choose scales and zero points, and round weights to integers.
+
+    real ~= scale * (q - zero_point),   q in [qmin, qmax] of the target integer type
+
+Cases:
+  1. Symmetric signed b-bit (b = 2..8, 16): zero point 0, q in [-(2^(b-1) - 1), 2^(b-1) - 1]
+     (the most negative code is left out so the grid is symmetric: -x quantizes to -q).
+  2. Asymmetric unsigned b-bit: q in [0, 2^b - 1], zero point chosen so that 0.0 is
+     exactly representable (padding and ReLU zeros stay exact).
+  3. Ternary: q in {-1, 0, 1}, zero point 0; the scale doubles as the threshold
+     (|w| < scale / 2 rounds to 0).
+  4. Binary (bipolar): q in {-1, +1}, scale = mean |w| (per channel), the L2-optimal
+     scale for sign(w) (Rastegari et al., XNOR-Net, 2016).
+Scales are per tensor or per channel along `axis`. With `search="mse"` (the default)
+the clipping range is searched: for each channel, the scale among `steps` candidates
+r * absmax / qmax, r in [0.2, 1], that minimises the squared rounding-plus-clipping
+error; `search="minmax"` uses the full range (r = 1). Rounding is half to even, as
+ONNX QuantizeLinear does, so onnxruntime reproduces the integers exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import numpy as np
+
+from qcompile.ir import BIPOLAR, TERNARY, DataType, QuantParams, int_type
+
+__all__ = ["WeightFormat", "quantize_weight", "dequantize", "weight_format"]
+
+_TINY = np.float32(1e-12)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightFormat:
+    """How to quantize a weight tensor."""
+
+    dtype: DataType
+    symmetric: bool = True
+    axis: Optional[int] = 0  # None: per tensor
+    search: str = "mse"  # or "minmax"
+    steps: int = 80
+
+    def __post_init__(self) -> None:
+        if self.search not in ("mse", "minmax"):
+            raise ValueError(f"weight scale search must be 'mse' or 'minmax', not {self.search!r}")
+        if self.dtype.kind in ("ternary", "bipolar") and not self.symmetric:
+            raise ValueError(f"{self.dtype} weights are symmetric by definition")
+
+    @property
+    def qmin(self) -> int:
+        if self.symmetric and self.dtype.kind == "int":
+            return -self.dtype.max
+        return self.dtype.min
+
+    @property
+    def qmax(self) -> int:
+        return self.dtype.max
+
+
+def weight_format(bits: str, symmetric: bool = True, per_channel: bool = True, axis: int = 0,
+                  search: str = "mse") -> WeightFormat:
+    """A WeightFormat from option text: '8', '4', '3', '2', 'int4', 'ternary', 'binary'."""
+    text = str(bits).lower().removeprefix("int")
+    if text == "ternary":
+        dtype = TERNARY
+    elif text in ("binary", "bipolar", "1"):
+        dtype = BIPOLAR
+    elif text.isdigit() and 2 <= int(text) <= 16:
+        dtype = int_type(int(text), signed=symmetric)
+    else:
+        raise ValueError(f"weight bit-width {bits!r} is not one of 2..16, ternary, binary")
+    return WeightFormat(dtype, symmetric, axis if per_channel else None, search)
+
+
+def _channels_first(w: np.ndarray, axis: Optional[int]) -> np.ndarray:
+    """A 2-D view [channels, rest] (one channel for per-tensor)."""
+    if axis is None:
+        return w.reshape(1, -1)
+    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+
+
+def _restore(flat: np.ndarray, shape: tuple, axis: Optional[int]) -> np.ndarray:
+    if axis is None:
+        return flat.reshape(shape)
+    moved = (shape[axis],) + tuple(d for i, d in enumerate(shape) if i != axis)
+    return np.moveaxis(flat.reshape(moved), 0, axis)
+
+
+def _round_clip(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    return np.clip(np.rint(x / scale[:, None]) + zp[:, None], qmin, qmax)
+
+
+def _symmetric_scales(w2: np.ndarray, fmt: WeightFormat) -> np.ndarray:
+    absmax = np.maximum(np.abs(w2).max(axis=1), _TINY)
+    qmax = fmt.qmax
+    best = (absmax / qmax).astype(np.float32)
+    if fmt.search == "minmax":
+        return best
+    zero = np.zeros(len(absmax))
+    best_err = np.full(len(absmax), np.inf)
+    for r in np.linspace(0.2, 1.0, fmt.steps):
+        scale = (r * absmax / qmax).astype(np.float32)
+        q = _round_clip(w2, scale, zero, fmt.qmin, qmax)
+        err = np.square(q * scale[:, None] - w2).sum(axis=1)
+        better = err < best_err
+        best[better], best_err[better] = scale[better], err[better]
+    return best
+
+
+def _asymmetric_params(w2: np.ndarray, fmt: WeightFormat) -> Tuple[np.ndarray, np.ndarray]:
+    lo = np.minimum(w2.min(axis=1), 0.0)
+    hi = np.maximum(w2.max(axis=1), 0.0)
+    span = fmt.qmax - fmt.qmin
+    ratios = [1.0] if fmt.search == "minmax" else np.linspace(0.2, 1.0, fmt.steps)
+    best_s = best_z = None
+    best_err = np.full(len(lo), np.inf)
+    for r in ratios:
+        scale = np.maximum((r * (hi - lo)) / span, _TINY).astype(np.float32)
+        zp = np.clip(np.rint(fmt.qmin - r * lo / scale), fmt.qmin, fmt.qmax)
+        q = _round_clip(w2, scale, zp, fmt.qmin, fmt.qmax)
+        err = np.square((q - zp[:, None]) * scale[:, None] - w2).sum(axis=1)
+        if best_s is None:
+            best_s, best_z, best_err = scale, zp, err
+            continue
+        better = err < best_err
+        best_s[better], best_z[better], best_err[better] = scale[better], zp[better], err[better]
+    return best_s, best_z
+
+
+def quantize_weight(w: np.ndarray, fmt: WeightFormat) -> Tuple[np.ndarray, QuantParams]:
+    """Quantize `w`: the integers (in the dtype's numpy container) and their
+    QuantParams (scalar for per-tensor, 1-D along fmt.axis for per-channel)."""
+    w = np.asarray(w, dtype=np.float32)
+    axis = fmt.axis
+    if axis is not None:
+        if w.ndim == 0:
+            axis = None
+        elif not -w.ndim <= axis < w.ndim:
+            raise ValueError(f"quantization axis {axis} is out of range for a weight of shape {w.shape}")
+        else:
+            axis = axis % w.ndim
+    w2 = _channels_first(w, axis).astype(np.float64)
+    channels = w2.shape[0]
+    if fmt.dtype.kind == "bipolar":
+        scale = np.maximum(np.abs(w2).mean(axis=1), _TINY).astype(np.float32)
+        zp = np.zeros(channels)
+        q = np.where(w2 >= 0, 1.0, -1.0)
+    elif fmt.symmetric:
+        scale = _symmetric_scales(w2, fmt)
+        zp = np.zeros(channels)
+        q = _round_clip(w2, scale, zp, fmt.qmin, fmt.qmax)
+    else:
+        scale, zp = _asymmetric_params(w2, fmt)
+        q = _round_clip(w2, scale, zp, fmt.qmin, fmt.qmax)
+    q = _restore(q, w.shape, axis).astype(fmt.dtype.numpy_dtype)
+    zp = zp.astype(np.int64)
+    if axis is None:
+        params = QuantParams(np.float32(scale[0]), np.int64(zp[0]), None)
+    else:
+        params = QuantParams(scale.astype(np.float32), zp, axis)
+    return q, params
+
+
+def dequantize(q: np.ndarray, params: QuantParams) -> np.ndarray:
+    """scale * (q - zero_point), broadcast along the quantization axis."""
+    q = np.asarray(q, dtype=np.float32)
+    if params.axis is None:
+        return (q - np.float32(params.zero_point)) * params.scale
+    shape = [1] * q.ndim
+    shape[params.axis] = -1
+    zp = params.zero_point.reshape(shape).astype(np.float32)
+    return (q - zp) * params.scale.reshape(shape)
