@@ -17,6 +17,7 @@ PACKAGES = {
     "qcompile.analysis": "qcompile/analysis",
     "qcompile.passes": "passes",
     "qcompile.passes.rules": "passes/rules",
+    "qcompile.passes.quantize": "passes/quantize",
     "qcompile.backend": "backend",
 }
 

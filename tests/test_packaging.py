@@ -43,3 +43,20 @@ def test_native_extension_is_compiled():
     from qcompile._native import bitpack
 
     assert os.path.splitext(bitpack.__file__)[1] in (".so", ".pyd")
+
+
+def test_every_package_folder_is_listed_in_setup():
+    """setup.py lists packages explicitly; a folder missing there would be left out of
+    a non-editable install (and only CI's fresh install would notice)."""
+    import ast
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tree = ast.parse(open(os.path.join(root, "setup.py")).read())
+    listed = next(ast.literal_eval(node.value) for node in ast.walk(tree)
+                  if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "PACKAGES")
+    folders = set()
+    for top in ("qcompile", "passes", "backend"):
+        for dirpath, _, files in os.walk(os.path.join(root, top)):
+            if "__init__.py" in files:
+                folders.add(os.path.relpath(dirpath, root).replace(os.sep, "/"))
+    assert folders == set(listed.values())
