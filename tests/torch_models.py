@@ -120,9 +120,43 @@ def gru() -> Tuple[nn.Module, tuple]:
     return RecurrentClassifier("gru").eval(), (torch.randn(3, 7, 6),)
 
 
+class MobileNetTiny(nn.Module):
+    """MobileNet-style: stem conv-bn-relu6, two depthwise-separable blocks (3x3
+    depthwise conv-bn-relu6, 1x1 pointwise conv-bn-relu6, the second strided), an
+    inverted residual (expand, depthwise, project, + input), pool, linear."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+
+        def cbr(cin, cout, k, stride=1, groups=1, act=True):
+            layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+            return nn.Sequential(*layers, *([nn.ReLU6()] if act else []))
+
+        self.features = nn.Sequential(
+            cbr(3, 8, 3, 2),
+            cbr(8, 8, 3, groups=8), cbr(8, 16, 1),
+            cbr(16, 16, 3, 2, groups=16), cbr(16, 24, 1),
+        )
+        self.residual = nn.Sequential(cbr(24, 48, 1), cbr(48, 48, 3, groups=48), cbr(48, 24, 1, act=False))
+        self.fc = nn.Linear(24, classes)
+
+    def forward(self, x):
+        x = self.features(x)
+        x = x + self.residual(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def mobilenet() -> Tuple[nn.Module, tuple]:
+    torch.manual_seed(4)
+    model = MobileNetTiny()
+    _warm_batchnorm(model, (8, 3, 32, 32))
+    return model, (torch.randn(2, 3, 32, 32),)
+
+
 BUILDERS: Dict[str, Callable[[], Tuple[nn.Module, tuple]]] = {
     "resnet": resnet,
     "transformer": transformer,
     "lstm": lstm,
     "gru": gru,
+    "mobilenet": mobilenet,
 }

@@ -4,6 +4,10 @@
     CONV_BN     fold-conv-bn                               (conv_bn.py)
     MATMUL_ADD  fuse-matmul-add                            (matmul_add.py)
     CANONICALIZE = IDENTITY + CONV_BN + MATMUL_ADD
+    NOOP        eliminate-noop-reshape, -transpose, -cast, -expand, -pad, -slice,
+                -concat, eliminate-unsqueeze-squeeze       (noop.py)
+    BN_MATMUL   fold-gemm-bn, fold-matmul-bn               (bn_matmul.py)
+    FOLD = CANONICALIZE + NOOP + BN_MATMUL                 (the `fold` pass's rules)
 
 Each module's docstring states its algebra and numbers the cases it rewrites and the
 ones it leaves alone.
@@ -16,7 +20,13 @@ from .matmul_add import FUSE_MATMUL_ADD, MATMUL_ADD
 
 CANONICALIZE = RuleSet("canonicalize", IDENTITY + CONV_BN + MATMUL_ADD)
 
+from .bn_matmul import BN_MATMUL, FOLD_GEMM_BN, FOLD_MATMUL_BN  # noqa: E402
+from .noop import NOOP  # noqa: E402
+
+FOLD = RuleSet("fold", CANONICALIZE + NOOP + BN_MATMUL)
+
 __all__ = [
     "CANONICALIZE", "CONV_BN", "ELIMINATE_DROPOUT", "ELIMINATE_IDENTITY", "FOLD_CONV_BN", "FUSE_MATMUL_ADD",
     "IDENTITY", "MATMUL_ADD",
+    "BN_MATMUL", "FOLD", "FOLD_GEMM_BN", "FOLD_MATMUL_BN", "NOOP",
 ]
