@@ -18,6 +18,7 @@ PACKAGES = {
     "qcompile.passes": "passes",
     "qcompile.passes.rules": "passes/rules",
     "qcompile.passes.quantize": "passes/quantize",
+    "qcompile.passes.calibrate": "passes/calibrate",
     "qcompile.backend": "backend",
 }
 

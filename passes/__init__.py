@@ -3,6 +3,6 @@
 Importing this package registers every pass below with qcompile.passmanager; the CLI
 (the composition root) does so. The core never imports it.
 """
-from . import canonicalize, dce, fold, infer_shapes, upgrade_opset  # noqa: F401  (importing registers)
+from . import calibrate, canonicalize, dce, fold, infer_shapes, quantize, upgrade_opset  # noqa: F401  (importing registers)
 
-__all__ = ["canonicalize", "dce", "fold", "infer_shapes", "upgrade_opset"]
+__all__ = ["calibrate", "canonicalize", "dce", "fold", "infer_shapes", "quantize", "upgrade_opset"]

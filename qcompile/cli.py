@@ -27,7 +27,7 @@ from .onnx_io import load, save
 __all__ = ["main"]
 
 COMMANDS = ("compile", "inspect", "passes")
-_OPTIONS_WITH_VALUE = {"--plugin", "--passes", "-o", "--output", "--print-ir-after", "--format", "--dot"}
+_OPTIONS_WITH_VALUE = {"--plugin", "--passes", "-o", "--output", "--calib", "--print-ir-after", "--format", "--dot"}
 
 DESCRIPTION = """\
 qcompile: a quantization compiler for edge AI.
@@ -121,6 +121,8 @@ def _top_parser() -> argparse.ArgumentParser:
     comp.add_argument("--passes", default="", metavar="PIPELINE",
                       help="pass pipeline, e.g. 'canonicalize,dce' (default: none, a plain round trip)")
     comp.add_argument("-o", "--output", metavar="OUT.onnx", help="write the resulting model here")
+    comp.add_argument("--calib", metavar="DATA.npz",
+                      help="calibration data for the pipeline's 'calibrate' pass (an .npz file or a folder of them)")
     comp.add_argument("--print-ir-after", action="append", default=[], metavar="PASS",
                       help="print the IR to stderr after the named pass (repeatable)")
     comp.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass")
@@ -190,6 +192,8 @@ def _cmd_compile(args) -> int:
             raise QCompileError(
                 f"--print-ir-after {unknown[0]}: no such pass in the pipeline (it has: {', '.join(sorted(known)) or 'none'})"
             )
+    if args.calib:
+        _give_calibration_data(manager, args.calib)
     result = manager.run(model)
     if timing is not None:
         print(timing.report(), file=sys.stderr)
@@ -202,6 +206,18 @@ def _cmd_compile(args) -> int:
     else:
         print(result.model)
     return 0
+
+
+def _give_calibration_data(manager, path: str) -> None:
+    """Point the pipeline's calibrate passes that name no data of their own at `path`."""
+    if not os.path.exists(path):
+        raise QCompileError(f"--calib {path}: no such file or folder")
+    calibrators = [p for p in manager.passes if p.name == "calibrate"]
+    if not calibrators:
+        raise QCompileError(f"--calib {path}: the pipeline '{manager}' has no 'calibrate' pass to use it")
+    for p in calibrators:
+        if "data" not in p.given_options:
+            p.data = path
 
 
 def _check_output_path(path: Optional[str]) -> None:

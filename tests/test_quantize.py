@@ -1,0 +1,112 @@
+"""The `quantize` pass: QDQ structure, integer weights and bias, and accuracy of the
+QDQ model in onnxruntime on the digits example."""
+import json
+import os
+import subprocess
+import sys
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import qcompile
+import qcompile.passes  # noqa: F401  (registers the passes)
+from qcompile.errors import PassFailedError
+from qcompile.onnx_io import to_proto
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = os.path.join(ROOT, "examples", "digits_cnn.onnx")
+CALIB = os.path.join(ROOT, "examples", "digits_calib.npz")
+EVAL = os.path.join(ROOT, "examples", "digits_eval.npz")
+
+
+def quantized(options=""):
+    model = qcompile.load(MODEL)
+    text = f"fold,calibrate{{data={CALIB},progress=false}},quantize" + (f"{{{options}}}" if options else "")
+    return qcompile.PassManager.parse(text).run(model).model
+
+
+def accuracy(model):
+    data = np.load(EVAL)
+    x = data["input"].reshape(-1, 1, 8, 8)
+    sess = ort.InferenceSession(to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    return float((sess.run(None, {"input": x})[0].argmax(1) == data["label"]).mean())
+
+
+@pytest.fixture(scope="module")
+def int8_model():
+    return quantized()
+
+
+def test_structure_of_the_qdq_graph(int8_model):
+    g = int8_model.graph
+    for n in g.nodes:
+        if n.op_type in ("Conv", "Gemm"):
+            x, w, b = n.inputs
+            assert x.producer.op_type == "DequantizeLinear"  # activation
+            wq = w.producer.inputs[0]
+            assert w.producer.op_type == "DequantizeLinear" and wq.const_value.dtype == np.int8
+            assert wq.type.quant is not None and wq.type.quant.axis == 0  # per output channel
+            bq = b.producer.inputs[0]
+            assert bq.const_value.dtype == np.int32
+            # bias scale is the accumulator's: input scale x weight scale
+            s_x = x.producer.inputs[1].const_value
+            np.testing.assert_allclose(b.producer.inputs[1].const_value, s_x * w.producer.inputs[1].const_value,
+                                       rtol=1e-6)
+            assert np.abs(wq.const_value).max() <= 127
+    assert [v.name for v in g.outputs] == ["logits"]  # interface unchanged
+    assert g.outputs[0].producer.op_type == "DequantizeLinear"
+    # Relu outputs are quantized, their inputs are not (fused activation)
+    for n in g.nodes:
+        if n.op_type == "Relu":
+            assert n.inputs[0].producer.op_type == "Conv"
+            assert [u.op_type for u in n.outputs[0].users] == ["QuantizeLinear"]
+    bits = json.loads(int8_model.metadata_props["qcompile.weight_bits"])
+    assert sorted(bits.values()) == ["i8", "i8", "i8"]
+    qcompile.check(int8_model)
+
+
+def test_int8_accuracy_matches_float(int8_model):
+    float_acc = accuracy(qcompile.load(MODEL))
+    assert float_acc >= 0.95
+    assert accuracy(int8_model) >= float_acc - 0.01
+
+
+@pytest.mark.parametrize("weights, floor", [("int4", 0.95), ("int3", 0.95)])
+def test_low_bit_weights(weights, floor):
+    model = quantized(f"weights={weights}")
+    for n in model.graph.nodes:
+        if n.op_type == "DequantizeLinear" and n.attr("axis") == 0 and n.inputs[0].const_value.dtype == np.int8:
+            b = int(weights[3:])
+            assert np.abs(n.inputs[0].const_value.astype(int)).max() <= 2 ** (b - 1) - 1
+    assert accuracy(model) >= floor
+    assert set(json.loads(model.metadata_props["qcompile.weight_bits"]).values()) == {f"i{weights[3:]}"}
+
+
+def test_exclude_keeps_nodes_in_float():
+    model = quantized("exclude=Gemm")
+    gemm = next(n for n in model.graph.nodes if n.op_type == "Gemm")
+    assert gemm.inputs[1].is_initializer and gemm.inputs[1].const_value.dtype == np.float32
+
+
+def test_needs_calibration_first():
+    model = qcompile.load(MODEL)
+    with pytest.raises(PassFailedError, match="quantize needs calibration statistics: run 'calibrate'"):
+        qcompile.PassManager.parse("quantize").run(model)
+
+
+def test_cli_compiles_a_qdq_model(tmp_path):
+    exe = shutil.which("qcompile", path=os.path.dirname(sys.executable))
+    out = tmp_path / "digits.qdq.onnx"
+    r = subprocess.run([exe, MODEL, "--passes", "fold,calibrate{progress=false},quantize", "--calib", CALIB,
+                        "-o", str(out)], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    # input, two Relus, MaxPool, Flatten, logits; plus 3 weights and 3 biases
+    assert ops.count("QuantizeLinear") == 6 and ops.count("DequantizeLinear") == 12
+    r = subprocess.run([exe, MODEL, "--passes", "fold", "--calib", CALIB, "-o", str(tmp_path / "x.onnx")],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2 and "has no 'calibrate' pass" in r.stderr
+    assert not (tmp_path / "x.onnx").exists()
