@@ -110,3 +110,28 @@ def test_cli_compiles_a_qdq_model(tmp_path):
                        cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 2 and "has no 'calibrate' pass" in r.stderr
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_overrides_by_op_type_and_name():
+    model = quantized("weights=int4,overrides=Gemm:int8;/0/Conv:float")
+    convs = [n for n in model.graph.nodes if n.op_type == "Conv"]
+    assert convs[0].inputs[1].is_initializer  # /0/Conv stayed float
+    bits = json.loads(model.metadata_props["qcompile.weight_bits"])
+    assert sorted(bits.values()) == ["i4", "i8"]  # the second Conv at int4, the Gemm at int8
+
+
+def test_bad_override_is_a_clear_error():
+    with pytest.raises(PassFailedError, match=r"overrides: 'Gemm' is not PATTERN:TYPE"):
+        quantized("overrides=Gemm")
+    with pytest.raises(PassFailedError, match="weight bit-width 'int17'"):
+        quantized("overrides=Gemm:int17")
+
+
+def test_precision_fallback_keeps_sensitive_layers_at_int8():
+    model = quantized("weights=int2,min_weight_sqnr=15")
+    decisions = model.annotations["quantization_decisions"]
+    assert decisions, "int2 weights are far below 15 dB: some layer must fall back"
+    assert all("dB SQNR < 15 dB" in d["reason"] for d in decisions)
+    bits = json.loads(model.metadata_props["qcompile.weight_bits"])
+    assert "i8" in bits.values()
+    assert accuracy(model) > accuracy(quantized("weights=int2"))

@@ -17,26 +17,36 @@ What it rewrites, for every Conv, Gemm and MatMul whose weight is a constant:
   4. Inputs and outputs of the data-movement and elementwise ops between them (Add, Mul,
      Concat, pooling, Flatten, Reshape, Transpose, Relu) get Q->DQ pairs too, so the
      integer graph needs no float tensors between quantized ops.
+Per layer:
+  5. `overrides=PATTERN:TYPE;...` gives layers another weight type, or `float`; PATTERN
+     is an op type or a regular expression searched in node names; later entries win.
+  6. `min_weight_sqnr=DB` is the error budget of the automatic precision fallback: a
+     layer whose weights, at the chosen type, have an SQNR under DB decibels is kept at
+     int8 (or in float when int8 falls short too). Each decision, with its reason, is
+     listed in model.annotations["quantization_decisions"] and logged.
 Left alone: nodes matched by `exclude` (a regular expression over node names and op
 types), ops whose weight is not constant, tensors without a calibration range (integer
 tensors, shapes), and everything inside subgraphs.
+The float model, as it was before quantization, is kept as a ModelProto in
+model.annotations["float_model"] for error analysis.
 Needs `calibrate` first (a CalibrationStats in model.annotations["calibration"]) and
 opset 13 (per-axis DequantizeLinear); an older model is upgraded, and the log says so.
 """
 from __future__ import annotations
 
 import json
+import logging
 import re
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from qcompile.errors import QCompileError
 from qcompile.ir import INT8, INT32, Graph, Model, Node, QuantParams, Tensor, TensorType, Value
-from qcompile.onnx_io import upgrade_opset
+from qcompile.onnx_io import to_proto, upgrade_opset
 from qcompile.passmanager import Pass, PassResult, option, register_pass
 
-from .weights import WeightFormat, quantize_weight, weight_format
+from .weights import WeightFormat, dequantize, quantize_weight, weight_format
 
 __all__ = ["Quantize"]
 
@@ -45,6 +55,7 @@ _FLOW = {"Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", 
          "Relu"}
 _FUSED = {"Relu", "Clip"}
 BITS_KEY = "qcompile.weight_bits"
+log = logging.getLogger(__name__)
 
 
 @register_pass("quantize")
@@ -58,6 +69,10 @@ class Quantize(Pass):
     weight_search: str = option("mse", "weight range: mse-optimal clipping or plain min/max",
                                 choices=("mse", "minmax"))
     exclude: str = option("", "regular expression over node names and op types to keep in float")
+    overrides: list = option([], "per-layer weight types, PATTERN:TYPE;...: PATTERN is an op type or a regular "
+                                 "expression over node names, TYPE a weight type or 'float'")
+    min_weight_sqnr: float = option(0.0, "precision fallback: a layer whose weight SQNR (dB) falls below this "
+                                         "at the chosen type is kept at int8, or float if int8 falls short too")
 
     def requires(self, model: Model) -> None:
         if "calibration" not in model.annotations:
@@ -69,22 +84,25 @@ class Quantize(Pass):
     def run(self, model: Model) -> PassResult:
         if model.opset < 13:
             model = upgrade_opset(model, 13)
-        try:
-            exclude = re.compile(self.exclude) if self.exclude else None
-        except re.error as e:
-            raise QCompileError(f"quantize option exclude={self.exclude!r} is not a valid regular expression: {e}")
-        try:
-            fmt = weight_format(self.weights, symmetric=self.symmetric, per_channel=self.per_channel,
-                                search=self.weight_search)
-        except ValueError as e:
-            raise QCompileError(f"quantize: {e}") from None
+        model.annotations["float_model"] = to_proto(model)
+        plan = _LayerPlan(self)
         q = _Inserter(model.graph, model.annotations["calibration"])
         bits: Dict[str, str] = {}
+        decisions: List[dict] = []
         for node in model.graph.nodes:
-            if exclude is not None and (exclude.search(node.name) or exclude.search(node.op_type)):
+            fmt = plan.format_for(node)
+            if fmt is None:
                 self.stats["nodes kept in float"] += 1
                 continue
             if node.op_type in _WEIGHTED and _weight(node) is not None:
+                fmt, why = plan.fallback(node, fmt, self.min_weight_sqnr)
+                if why:
+                    decisions.append({"node": node.name, "op": node.op_type, "reason": why,
+                                      "kept_at": "float" if fmt is None else str(fmt.dtype)})
+                    log.info("quantize: %s %s", node.label, why)
+                    self.stats["layers kept at higher precision"] += 1
+                if fmt is None:
+                    continue
                 name = q.weighted(node, fmt)
                 if name is not None:
                     bits[name] = str(fmt.dtype)
@@ -96,9 +114,82 @@ class Quantize(Pass):
                 q.activation(_fused_output(node))
         if bits:
             model.metadata_props[BITS_KEY] = json.dumps(bits, sort_keys=True)
+        model.annotations["quantization_decisions"] = decisions
         self.stats["activation tensors quantized"] += len(q.done) // 2
         model.graph.sort()
         return PassResult(model, modified=bool(q.done or bits))
+
+
+class _LayerPlan:
+    """Which weight format each node gets: the pass's default, `exclude`, `overrides`
+    (later entries win), and the SQNR fallback."""
+
+    def __init__(self, p: "Quantize"):
+        self.default = _format(p, p.weights, "weights")
+        self.exclude = _regex(p.exclude, "exclude") if p.exclude else None
+        self.rules: List[Tuple[str, object, Optional[WeightFormat]]] = []
+        for entry in p.overrides:
+            pattern, sep, kind = entry.rpartition(":")
+            if not sep or not pattern:
+                raise QCompileError(f"quantize option overrides: {entry!r} is not PATTERN:TYPE (e.g. /0/Conv:int8)")
+            fmt = None if kind == "float" else _format(p, kind, "overrides")
+            self.rules.append((pattern, _regex(pattern, "overrides"), fmt))
+        self.p = p
+
+    def format_for(self, node: Node) -> Optional[WeightFormat]:
+        """The node's weight format; None keeps it in float."""
+        if self.exclude is not None and (self.exclude.search(node.name) or self.exclude.search(node.op_type)):
+            return None
+        fmt = self.default
+        for pattern, regex, rule_fmt in self.rules:
+            if node.op_type == pattern or regex.search(node.name):
+                fmt = rule_fmt
+        return fmt
+
+    def fallback(self, node: Node, fmt: WeightFormat, budget: float) -> Tuple[Optional[WeightFormat], str]:
+        """Raise the precision of a layer whose weight SQNR is under `budget` dB."""
+        if budget <= 0:
+            return fmt, ""
+        w = _weight(node).const_value.astype(np.float32)
+        axis = _weight_axis(node)
+        got = _weight_sqnr(w, fmt, axis)
+        if got >= budget:
+            return fmt, ""
+        int8 = _format(self.p, "int8", "min_weight_sqnr")
+        if fmt.dtype != int8.dtype and _weight_sqnr(w, int8, axis) >= budget:
+            return int8, f"{fmt.dtype} weights give {got:.1f} dB SQNR < {budget:g} dB: kept at int8"
+        return None, f"{fmt.dtype} weights give {got:.1f} dB SQNR < {budget:g} dB even at int8: kept in float"
+
+
+def _format(p: "Quantize", kind: str, option_name: str) -> WeightFormat:
+    try:
+        return weight_format(kind, symmetric=p.symmetric, per_channel=p.per_channel, search=p.weight_search)
+    except ValueError as e:
+        raise QCompileError(f"quantize option {option_name}: {e}") from None
+
+
+def _regex(text: str, option_name: str):
+    try:
+        return re.compile(text)
+    except re.error as e:
+        raise QCompileError(f"quantize option {option_name}: {text!r} is not a valid regular expression: {e}") from None
+
+
+def _weight_axis(node: Node) -> int:
+    if node.op_type == "Gemm":
+        return 0 if node.attr("transB", 0) else 1
+    return _WEIGHTED[node.op_type]
+
+
+def _weight_sqnr(w: np.ndarray, fmt: WeightFormat, axis: int) -> float:
+    """Signal-to-quantization-noise ratio (dB) of `w` in format `fmt`."""
+    here = WeightFormat(fmt.dtype, fmt.symmetric, axis if fmt.axis is not None and w.ndim >= 2 else None, fmt.search)
+    q, params = quantize_weight(w, here)
+    noise = float(np.square(dequantize(q, params) - w).sum())
+    signal = float(np.square(w).sum())
+    if noise == 0.0:
+        return float("inf")
+    return 10.0 * np.log10(max(signal, 1e-30) / noise)
 
 
 def _weight(node: Node) -> Optional[Value]:
@@ -176,9 +267,7 @@ class _Inserter:
         s_x = self.activation(x)
         if s_x is None:
             return None
-        axis = _WEIGHTED[node.op_type]
-        if node.op_type == "Gemm":
-            axis = 0 if node.attr("transB", 0) else 1
+        axis = _weight_axis(node)
         array = w.const_value.astype(np.float32)
         if array.ndim < 2 and node.op_type != "Conv":
             return None
