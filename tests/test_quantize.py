@@ -135,3 +135,19 @@ def test_precision_fallback_keeps_sensitive_layers_at_int8():
     bits = json.loads(model.metadata_props["qcompile.weight_bits"])
     assert "i8" in bits.values()
     assert accuracy(model) > accuracy(quantized("weights=int2"))
+
+
+def test_inspect_shows_quantization_parameters_and_true_bit_widths(tmp_path):
+    from qcompile.analysis import format_summary, summarize
+
+    model = quantized("weights=int4,overrides=Gemm:int8")
+    qcompile.save(model, str(tmp_path / "q.onnx"))
+    s = summarize(qcompile.load(str(tmp_path / "q.onnx")))
+    rows = {(r["role"], r["type"]) for r in s.quantized}
+    assert rows == {("activation", "i8"), ("weight", "i4"), ("weight", "i8"), ("bias", "i32")}
+    conv_w = next(r for r in s.quantized if r["role"] == "weight" and r["type"] == "i4")
+    assert conv_w["axis"] == 0 and len(conv_w["scale"]) in (8, 16) and set(conv_w["zero_point"]) == {0}
+    act = next(r for r in s.quantized if r["tensor"] == "input")
+    assert act["scale"] == [pytest.approx(1 / 255)] and act["zero_point"] == [-128]
+    text = format_summary(s)
+    assert "quantized tensor" in text and " i4 " in text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -48,6 +49,7 @@ class ModelSummary:
     unknown_macs: List[str]
     symbolic_dims: List[str]
     nodes: List[NodeRow]
+    quantized: List[Dict[str, object]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-serialisable form."""
@@ -132,7 +134,66 @@ def summarize(model: Model) -> ModelSummary:
         unknown_macs=unknown,
         symbolic_dims=symbolic,
         nodes=rows,
+        quantized=_quantized_tensors(model),
     )
+
+
+_BITS_KEY = "qcompile.weight_bits"  # written by the quantize pass: {tensor: true type}
+
+
+def _quantized_tensors(model: Model) -> List[Dict[str, object]]:
+    """One row per DequantizeLinear of the main graph: which float tensor it stands for,
+    its role, integer type (the true width when narrower than its container), scale,
+    zero point and axis."""
+    try:
+        true_types = json.loads(model.metadata_props.get(_BITS_KEY, "{}"))
+    except ValueError:
+        true_types = {}
+    rows = []
+    for n in model.graph.nodes:
+        if n.op_type != "DequantizeLinear" or n.domain not in ("", "ai.onnx"):
+            continue
+        q = n.inputs[0]
+        scale = n.inputs[1].const_value if n.inputs[1] is not None else None
+        zp = n.inputs[2].const_value if len(n.inputs) > 2 and n.inputs[2] is not None else None
+        if q.is_initializer:
+            readers = [(u.op_type, i) for u, i in n.outputs[0].uses]
+            role = "bias" if readers and all(i == 2 for _, i in readers) else "weight"
+            tensor = q.name
+        else:
+            role = "activation"
+            source = q.producer.inputs[0] if q.producer is not None and q.producer.op_type == "QuantizeLinear" else q
+            tensor = source.name
+        dtype = true_types.get(q.name) or (str(q.type.dtype) if isinstance(q.type, TensorType) else "?")
+        rows.append({
+            "tensor": tensor, "role": role, "type": dtype,
+            "scale": None if scale is None else [float(x) for x in np.ravel(scale)],
+            "zero_point": None if zp is None else [int(x) for x in np.ravel(zp)],
+            "axis": n.attr("axis") if scale is not None and np.ndim(scale) == 1 else None,
+        })
+    return rows
+
+
+def _range_text(values) -> str:
+    if values is None:
+        return "-"
+    lo, hi = min(values), max(values)
+    if len(values) == 1 or lo == hi:
+        return f"{values[0]:.6g}"
+    return f"{lo:.4g}..{hi:.4g} ({len(values)} ch)"
+
+
+def _format_quantized(rows: List[Dict[str, object]]) -> List[str]:
+    if not rows:
+        return []
+    table = [["quantized tensor", "role", "type", "scale", "zero point", "axis"]] + [
+        [r["tensor"], r["role"], r["type"], _range_text(r["scale"]),
+         "-" if r["zero_point"] is None else (str(r["zero_point"][0]) if len(set(r["zero_point"])) == 1
+                                               else f"{min(r['zero_point'])}..{max(r['zero_point'])}"),
+         "-" if r["axis"] is None else str(r["axis"])]
+        for r in rows
+    ]
+    return [""] + _align(table, right=set())
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -177,9 +238,12 @@ def format_summary(s: ModelSummary) -> str:
          "?" if r.macs is None else f"{r.macs:,}"]
         for i, r in enumerate(s.nodes)
     ]
-    widths = [max(len(row[c]) for row in table) for c in range(len(header))]
-    right = {0, 5, 6}
-    for row in table:
-        cells = [cell.rjust(w) if c in right else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(cells).rstrip())
+    lines += _align(table, right={0, 5, 6})
+    lines += _format_quantized(s.quantized)
     return "\n".join(lines)
+
+
+def _align(table: List[List[str]], right: set) -> List[str]:
+    widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))]
+    return ["  ".join(cell.rjust(w) if c in right else cell.ljust(w)
+                      for c, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in table]
