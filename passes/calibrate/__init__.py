@@ -22,6 +22,7 @@ from qcompile.data import SampleSet, load_samples
 from qcompile.errors import QCompileError
 from qcompile.ir import Model
 from qcompile.ir.types import TensorType
+from qcompile.analysis import infer_shapes
 from qcompile.onnx_io import to_proto
 from qcompile.passmanager import Pass, PassResult, option, register_pass
 
@@ -133,6 +134,7 @@ class Calibrate(Pass):
     def _collect(self, model: Model, samples: SampleSet, settings: Dict[str, Any]) -> CalibrationStats:
         proto, names, sizes = _prepare(model)
         session = _session(proto, self.threads)
+        del proto  # onnxruntime has its own copy of the weights now
         observers = {n: TensorObserver(self.bins, self.momentum, self.mask_threshold) for n in names}
         limit = self.num_samples or None
         total = samples.count if limit is None else (limit if samples.count is None else min(limit, samples.count))
@@ -215,65 +217,42 @@ def _prepare(model: Model):
         if any(v is not None and v.name in dynamic for v in node.inputs) or any(
                 _captures(sub, dynamic) for sub in node.subgraphs()):
             dynamic.update(v.name for v in node.outputs if v.name)
-    inferred = _inferred(proto)
-    elem = _elem_types(model, inferred)
+    infer_shapes(model)  # types on the IR's values; weights never copied through onnx's inference
+    elem = _elem_types(model)
     order = [v.name for v in g.inputs] + [v.name for n in g for v in n.outputs]
     names = [n for n in dict.fromkeys(order) if n in dynamic and elem.get(n) in _FLOATS]
     present = {o.name for o in proto.graph.output}
     for n in names:
         if n not in present:
             proto.graph.output.append(onnx.helper.make_tensor_value_info(n, elem[n], None))
-    return proto, names, _static_sizes(inferred, names)
+    return proto, names, _static_sizes(model, names)
 
 
 def _captures(graph, names) -> bool:
     return any(v is not None and v.name in names for n in graph.all_nodes() for v in n.inputs)
 
 
-def _elem_types(model: Model, inferred: onnx.ModelProto) -> Dict[str, int]:
-    """ONNX element type per tensor name: from the IR, else from ONNX shape inference."""
-    out: Dict[str, int] = {}
+def _elem_types(model: Model) -> Dict[str, int]:
+    """ONNX element type per tensor name of the main graph, where the IR knows it."""
     g = model.graph
-    missing = False
-    for v in list(g.inputs) + [v for n in g for v in n.outputs]:
-        if isinstance(v.type, TensorType):
-            out[v.name] = v.type.dtype.onnx_type
-        else:
-            missing = True
-    if missing:
-        for vi in inferred.graph.value_info:
-            if vi.type.HasField("tensor_type"):
-                out.setdefault(vi.name, vi.type.tensor_type.elem_type)
-    return out
+    return {v.name: v.type.dtype.onnx_type for v in list(g.inputs) + [v for n in g for v in n.outputs]
+            if isinstance(v.type, TensorType)}
 
 
-def _inferred(proto: onnx.ModelProto) -> onnx.ModelProto:
-    try:
-        return onnx.shape_inference.infer_shapes(proto)
-    except Exception:  # inference is a help here, not a requirement
-        return proto
-
-
-def _static_sizes(inferred: onnx.ModelProto, names: List[str]) -> Optional[Dict[str, int]]:
-    """Bytes per sample of each tensor when shape inference knows every shape (a
-    symbolic first dim counts as 1), else None (the first batch measures them)."""
-    inferred = inferred.graph
-    infos = {vi.name: vi for vi in list(inferred.value_info) + list(inferred.input) + list(inferred.output)
-             if vi.type.tensor_type.HasField("shape")}  # (the outputs calibration added have none)
+def _static_sizes(model: Model, names: List[str]) -> Optional[Dict[str, int]]:
+    """Bytes per sample of each tensor when every shape is known (a symbolic first dim
+    counts as 1), else None (the first batch measures them)."""
+    g = model.graph
+    types = {v.name: v.type for v in list(g.inputs) + [v for n in g for v in n.outputs]}
     sizes = {}
     for n in names:
-        vi = infos.get(n)
-        if vi is None or not vi.type.tensor_type.HasField("shape"):
+        t = types.get(n)
+        if not isinstance(t, TensorType) or t.shape is None:
             return None
-        dims = vi.type.tensor_type.shape.dim
-        numel = 1
-        for i, d in enumerate(dims):
-            if d.HasField("dim_value"):
-                numel *= d.dim_value
-            elif i != 0:
-                return None
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).itemsize
-        sizes[n] = numel * itemsize
+        dims = [1 if i == 0 and not isinstance(d, int) else d for i, d in enumerate(t.shape)]
+        if not all(isinstance(d, int) for d in dims):
+            return None
+        sizes[n] = int(np.prod(dims, dtype=np.int64)) * t.dtype.numpy_dtype.itemsize
     return sizes
 
 
