@@ -136,7 +136,7 @@ def test_digits_every_method(recwarn):
     result = Calibrate(data=CALIB, progress=False)(model)
     assert result.modified is False and result.model is model
     stats = model.annotations["calibration"]
-    assert isinstance(stats, CalibrationStats) and stats.num_samples == 200 and stats.method == "mse"
+    assert isinstance(stats, CalibrationStats) and stats.num_samples == 200 and stats.method == "minmax"
     expected = ["input"] + [v.name for n in model.graph for v in n.outputs]
     assert list(stats.tensors) == expected
     relu = "/2/Relu_output_0"

@@ -41,8 +41,11 @@ def reports():
 def test_every_quantized_tensor_is_listed(reports):
     model, report = reports["int8"]
     g = model.graph
-    activations = {n.inputs[0].name for n in g.nodes if n.op_type == "QuantizeLinear"}
-    activations = {a[:-len("_float")] if a.endswith("_float") else a for a in activations}
+    outputs = {v.name for v in g.outputs}
+    activations = set()
+    for q in (n for n in g.nodes if n.op_type == "QuantizeLinear"):
+        dq = q.outputs[0].users[0]
+        activations.add(dq.outputs[0].name if dq.outputs[0].name in outputs else q.inputs[0].name)
     constants = [n for n in g.nodes if n.op_type == "DequantizeLinear" and n.inputs[0].is_initializer]
     listed = {t.name for t in report.tensors if t.kind == "activation"}
     assert listed == activations

@@ -96,7 +96,7 @@ class CalibrationStats:
     be reused."""
 
     tensors: Dict[str, TensorStats]
-    method: str = "mse"
+    method: str = "minmax"
     percentile: float = 99.99
     bits: int = 8
     fingerprint: str = ""

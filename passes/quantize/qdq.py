@@ -24,7 +24,8 @@ Per layer:
      layer whose weights, at the chosen type, have an SQNR under DB decibels is kept at
      int8 (or in float when int8 falls short too). Each decision, with its reason, is
      listed in model.annotations["quantization_decisions"] and logged.
-Left alone: nodes matched by `exclude` (a regular expression over node names and op
+Left alone: tensors that held non-finite values during calibration (attention masks
+filled with -inf: no integer grid holds them), nodes matched by `exclude` (a regular expression over node names and op
 types), ops whose weight is not constant, tensors without a calibration range (integer
 tensors, shapes), and everything inside subgraphs.
 The float model, as it was before quantization, is kept as a ModelProto in
@@ -34,6 +35,7 @@ opset 13 (per-axis DequantizeLinear); an older model is upgraded, and the log sa
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -66,8 +68,9 @@ class Quantize(Pass):
                           choices=("int8", "int4", "int3", "int2", "ternary", "binary"))
     per_channel: bool = option(True, "one weight scale per output channel (else per tensor)")
     symmetric: bool = option(True, "symmetric weights (zero point 0)")
-    weight_search: str = option("mse", "weight range: mse-optimal clipping or plain min/max",
-                                choices=("mse", "minmax"))
+    weight_search: str = option("auto", "weight range: mse-optimal clipping, plain min/max, or auto "
+                                        "(mse below 8 bits, min/max at 8 bits and above)",
+                                choices=("auto", "mse", "minmax"))
     exclude: str = option("", "regular expression over node names and op types to keep in float")
     overrides: list = option([], "per-layer weight types, PATTERN:TYPE;...: PATTERN is an op type or a regular "
                                  "expression over node names, TYPE a weight type or 'float'")
@@ -163,7 +166,13 @@ class _LayerPlan:
 
 def _format(p: "Quantize", kind: str, option_name: str) -> WeightFormat:
     try:
-        return weight_format(kind, symmetric=p.symmetric, per_channel=p.per_channel, search=p.weight_search)
+        fmt = weight_format(kind, symmetric=p.symmetric, per_channel=p.per_channel,
+                            search="mse" if p.weight_search == "auto" else p.weight_search)
+        if p.weight_search == "auto" and fmt.dtype.bits >= 8:
+            # At 8 bits rounding noise is already small; clipping the largest weights to
+            # shave it costs more output error than it saves (benchmarks/ptq_vs_onnxruntime.py).
+            fmt = dataclasses.replace(fmt, search="minmax")
+        return fmt
     except ValueError as e:
         raise QCompileError(f"quantize option {option_name}: {e}") from None
 
@@ -208,9 +217,9 @@ def _fused_output(node: Node) -> Value:
 
 
 def _fused_away(v: Optional[Value]) -> bool:
-    """True for a weighted op's output whose quantization moves past its activation."""
+    """True for an op's output whose quantization moves past the Relu/Clip reading it."""
     p = v.producer if v is not None else None
-    return p is not None and p.op_type in _WEIGHTED and _fused_output(p) is not v
+    return p is not None and p.op_type not in _FUSED and _fused_output(p) is not v
 
 
 class _Inserter:
@@ -220,6 +229,8 @@ class _Inserter:
         self.graph = graph
         self.stats = stats
         self.done: Dict[int, Tuple[float, Value]] = {}  # id(float value) -> (scale, DQ output)
+        self.nonfinite = set(stats.nonfinite())
+        self.weights: Dict[tuple, tuple] = {}  # (id(float weight), format) -> (params, DQ output, name)
 
     def activation(self, v: Optional[Value]) -> Optional[float]:
         """Put a Q->DQ pair on `v`; returns its scale (None when it has no range)."""
@@ -233,8 +244,8 @@ class _Inserter:
             rng = self.stats.range(v.name)
         except KeyError:
             return None
-        if rng is None:
-            return None
+        if rng is None or v.name in self.nonfinite:
+            return None  # no range, or a mask: -inf fills cannot be quantized, keep it float
         scale, zp = _activation_params(*rng)
         g = self.graph
         s_v = g.make_constant(np.float32(scale), v.name + "_scale")
@@ -272,17 +283,9 @@ class _Inserter:
         if array.ndim < 2 and node.op_type != "Conv":
             return None
         fmt_here = WeightFormat(fmt.dtype, fmt.symmetric, axis if fmt.axis is not None else None, fmt.search)
-        q, params = quantize_weight(array, fmt_here)
+        params, dq_out, q_name = self._weight_dq(node, w, array, fmt_here)
+        node.set_input(1, dq_out)
         g = self.graph
-        q_v = g.make_constant(np.asarray(q, dtype=np.int32).astype(np.int8 if fmt.dtype.signed else np.uint8),
-                              w.name + "_quantized")
-        q_v.type = TensorType(q_v.type.dtype, q_v.type.shape, params)
-        s_w = g.make_constant(params.scale, w.name + "_scale")
-        z_w = g.make_constant(params.zero_point.astype(q_v.const.numpy().dtype), w.name + "_zero_point")
-        attrs = {"axis": int(params.axis)} if params.axis is not None else {}
-        dq_w = g.insert_before(node, Node("DequantizeLinear", [q_v, s_w, z_w], attrs, name=w.name + "_DQ"))
-        dq_w.output.type = TensorType(w.type.dtype, w.type.shape)
-        node.set_input(1, dq_w.output)
         replaced = [w]
         if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].is_initializer:
             b = node.inputs[2]
@@ -292,7 +295,8 @@ class _Inserter:
             sb = g.make_constant(bias_scale, b.name + "_scale")
             zb = g.make_constant(np.zeros_like(b_q) if bias_scale.ndim else np.int32(0), b.name + "_zero_point")
             battrs = {"axis": 0} if bias_scale.ndim else {}
-            dq_b = g.insert_before(node, Node("DequantizeLinear", [qb, sb, zb], battrs, name=b.name + "_DQ"))
+            dq_b = g.insert_before(node, Node("DequantizeLinear", [qb, sb, zb], battrs,
+                                              name=f"{node.name or b.name}_bias_DQ"))
             dq_b.output.type = b.type
             node.set_input(2, dq_b.output)
             replaced.append(b)
@@ -300,7 +304,26 @@ class _Inserter:
             if not old.uses and old.is_initializer and not old.is_graph_input:
                 g.remove_initializer(old.name)
         self.activation(_fused_output(node))
-        return q_v.name
+        return q_name
+
+    def _weight_dq(self, node: Node, w: Value, array: np.ndarray, fmt: WeightFormat):
+        """(params, DQ output, integer tensor name) of weight `w` in `fmt`; one DQ per
+        weight and format, shared by every layer that reads the weight."""
+        key = (id(w), fmt)
+        if key in self.weights:
+            return self.weights[key]
+        q, params = quantize_weight(array, fmt)
+        g = self.graph
+        q_v = g.make_constant(np.asarray(q, dtype=np.int32).astype(np.int8 if fmt.dtype.signed else np.uint8),
+                              w.name + "_quantized")
+        q_v.type = TensorType(q_v.type.dtype, q_v.type.shape, params)
+        s_w = g.make_constant(params.scale, w.name + "_scale")
+        z_w = g.make_constant(params.zero_point.astype(q_v.const.numpy().dtype), w.name + "_zero_point")
+        attrs = {"axis": int(params.axis)} if params.axis is not None else {}
+        dq_w = g.insert_before(node, Node("DequantizeLinear", [q_v, s_w, z_w], attrs, name=w.name + "_DQ"))
+        dq_w.output.type = TensorType(w.type.dtype, w.type.shape)
+        self.weights[key] = (params, dq_w.output, q_v.name)
+        return self.weights[key]
 
 
 def _activation_params(lo: float, hi: float) -> Tuple[float, int]:
