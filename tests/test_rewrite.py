@@ -12,30 +12,7 @@ from qcompile.rewrite import (
     Const, Failure, Match, Op, Rule, RuleSet, Var, apply_rules, constant_value, fail,
 )
 
-F = TensorProto.FLOAT
-
-
-def build(nodes, inputs, outputs, inits=None, opset=17, subgraph=False):
-    """A ModelProto (or GraphProto) from onnx.helper nodes; inputs and outputs map
-    names to shapes (None: unknown), inits names to arrays."""
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info(n, F, s) for n, s in inputs.items()],
-        [helper.make_tensor_value_info(n, F, s) for n, s in outputs.items()],
-        [numpy_helper.from_array(np.asarray(a), n) for n, a in (inits or {}).items()],
-    )
-    if subgraph:
-        return graph
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    proto.ir_version = 8
-    return proto
-
-
-def run_ort(proto, feeds):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+from onnx_models import F, build, run_ort
 
 
 def rng_feeds(proto, seed=0):

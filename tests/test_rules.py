@@ -19,29 +19,8 @@ from qcompile.passes.rules import CANONICALIZE, CONV_BN, IDENTITY, MATMUL_ADD
 from qcompile.passmanager import PassManager, get_pass
 from qcompile.rewrite import apply_rules
 
-F = TensorProto.FLOAT
+from onnx_models import F, build, run_ort
 FOLD_TOL = dict(rtol=1e-5, atol=1e-6)
-
-
-def build(nodes, inputs, outputs, inits=None, opset=17):
-    """A ModelProto: inputs/outputs map names to shapes (or to value infos), inits
-    names to arrays."""
-    def info(name, shape):
-        return shape if isinstance(shape, onnx.ValueInfoProto) else helper.make_tensor_value_info(name, F, shape)
-    graph = helper.make_graph(nodes, "g", [info(n, s) for n, s in inputs.items()],
-                              [info(n, s) for n, s in outputs.items()],
-                              [numpy_helper.from_array(np.asarray(a), n) for n, a in (inits or {}).items()])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    proto.ir_version = 8
-    return proto
-
-
-def run_ort(proto, feeds):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # compare our rewrite, not ORT's
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
 
 
 def feeds_for(proto, seed=0, **fixed):
