@@ -3,6 +3,7 @@
 Importing this package registers every pass below with qcompile.passmanager; the CLI
 (the composition root) does so. The core never imports it.
 """
-from . import calibrate, canonicalize, dce, fold, infer_shapes, quantize, upgrade_opset  # noqa: F401  (importing registers)
+# importing the modules registers their passes
+from . import calibrate, canonicalize, dce, fold, infer_shapes, lower_integer, quantize, upgrade_opset  # noqa: F401
 
-__all__ = ["calibrate", "canonicalize", "dce", "fold", "infer_shapes", "quantize", "upgrade_opset"]
+__all__ = ["calibrate", "canonicalize", "dce", "fold", "infer_shapes", "lower_integer", "quantize", "upgrade_opset"]

@@ -1,0 +1,356 @@
+"""The integer reference evaluator: what an integer graph computes, bit for bit.
+
+`run_integer_graph(model, feeds)` runs a graph produced by `lower-integer`: the ops of
+the `qcompile.int` domain (defined, with the rounding rule, in qcompile.quant_math)
+and the data-movement ops on integer tensors, in vectorised numpy. The simulator must
+match it exactly.
+
+Exactness: accumulations are sums of products of zero-point-corrected operands (each
+at most 255 in magnitude for 8-bit types), computed as float64 matrix products, exact
+while K * 255 * 255 < 2^53, far beyond any layer, then converted to int64; the
+accumulator is int64 here (a layer whose sums leave int32 would wrap on hardware, and
+lower-integer keeps K * 255 * 255 < 2^31 in practice). Requantization is int64.
+
+Default-domain ops that are not data movement are float ops on the host (DESIGN:
+"HOST"): they run in onnxruntime, one node at a time, between Dequantize and Quantize.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from qcompile.ir import Model, Node, TensorType
+from qcompile.quant_math import (
+    DEQUANTIZE, DOMAIN, QADD, QAVERAGEPOOL, QCONV, QGEMM, QMATMUL, QMUL, QUANTIZE, REQUANTIZE, requantize,
+)
+
+__all__ = ["run_integer_graph", "IntegerGraphError"]
+
+
+class IntegerGraphError(RuntimeError):
+    """The graph holds something the integer reference cannot run."""
+
+
+def run_integer_graph(model, feeds: Mapping[str, np.ndarray], outputs: Optional[Sequence[str]] = None
+                      ) -> Dict[str, np.ndarray]:
+    """Run an integer graph (a qcompile Model, ModelProto or path); returns
+    {output name: array} for the graph outputs (or the named values)."""
+    model = _as_model(model)
+    g = model.graph
+    env: Dict[int, np.ndarray] = {}
+    for v in g.initializers.values():
+        env[id(v)] = np.asarray(v.const_value)
+    for v in g.inputs:
+        if v.name in feeds:
+            env[id(v)] = np.asarray(feeds[v.name])
+        elif id(v) not in env:
+            raise IntegerGraphError(f"no feed for graph input %{v.name}")
+    host = _Host(model)
+    for node in g.nodes:
+        args = [None if v is None else env[id(v)] for v in node.inputs]
+        if node.domain == DOMAIN:
+            fn = _OPS.get(node.op_type)
+            if fn is None:
+                raise IntegerGraphError(f"unknown op {DOMAIN}.{node.op_type} (node {node.label})")
+            results = [fn(node, *args)]
+        elif node.domain in ("", "ai.onnx") and node.op_type in _MOVES:
+            results = [_MOVES[node.op_type](node, *args)]
+        else:
+            results = host.run(node, args)
+        for v, r in zip(node.outputs, results):
+            env[id(v)] = r
+    if outputs is None:
+        return {v.name: env[id(v)] for v in g.outputs}
+    by_name = {v.name: v for v in g.values()}
+    return {n: env[id(by_name[n])] for n in outputs}
+
+
+def _as_model(model) -> Model:
+    if isinstance(model, Model):
+        return model
+    from qcompile.onnx_io import from_proto, load
+
+    return load(model) if isinstance(model, str) else from_proto(model)
+
+
+# -- requantization and helpers -----------------------------------------------------
+def _attr(node: Node, name: str, default=None):
+    return node.attr(name, default)
+
+
+def _out_dtype(node: Node) -> np.dtype:
+    t = node.outputs[0].type
+    return t.dtype.numpy_dtype if isinstance(t, TensorType) else np.dtype(np.int8)
+
+
+def _finish(node: Node, acc, multiplier, shift) -> np.ndarray:
+    y = requantize(acc, multiplier, shift, _attr(node, "out_zero_point", 0), _attr(node, "out_min", -128),
+                   _attr(node, "out_max", 127))
+    return y.astype(_out_dtype(node))
+
+
+def _centered(x: np.ndarray, zp) -> np.ndarray:
+    """x - zp as float64 (exact)."""
+    return x.astype(np.float64) - np.float64(zp)
+
+
+def _channel(a: Optional[np.ndarray], ndim: int, axis: int) -> np.ndarray:
+    """Shape a per-channel vector to broadcast along `axis` of an `ndim` array."""
+    a = np.asarray(a, dtype=np.int64)
+    if a.ndim == 0 or a.size == 1:
+        return a.reshape(())
+    shape = [1] * ndim
+    shape[axis] = a.size
+    return a.reshape(shape)
+
+
+def _exact_int(acc: np.ndarray) -> np.ndarray:
+    return np.rint(acc).astype(np.int64)
+
+
+# -- weighted ops -------------------------------------------------------------------
+def _windows(xp: np.ndarray, kernel, strides, dilations) -> np.ndarray:
+    """(N, C, *out, *kernel) windows of the padded input xp (a view where possible)."""
+    d = len(kernel)
+    eff = [(k - 1) * dl + 1 for k, dl in zip(kernel, dilations)]
+    win = np.lib.stride_tricks.sliding_window_view(xp, eff, axis=tuple(range(2, 2 + d)))
+    index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides) + \
+        tuple(slice(None, None, dl) for dl in dilations)
+    return win[index]
+
+
+def _pad(x: np.ndarray, pads, value) -> np.ndarray:
+    d = x.ndim - 2
+    if not any(pads):
+        return x
+    width = [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)]
+    return np.pad(x, width, constant_values=value)
+
+
+def _qconv(node: Node, x, w, bias=None, multiplier=None, shift=None, w_zp=None):
+    d = x.ndim - 2
+    kernel = list(_attr(node, "kernel_shape", None) or w.shape[2:])
+    strides = list(_attr(node, "strides", None) or [1] * d)
+    dilations = list(_attr(node, "dilations", None) or [1] * d)
+    pads = list(_attr(node, "pads", None) or [0] * (2 * d))
+    group = int(_attr(node, "group", 1))
+    xc = _pad(_centered(x, _attr(node, "x_zero_point", 0)), pads, 0.0)
+    win = _windows(xc, kernel, strides, dilations)  # N, C, *out, *k
+    n, c = x.shape[:2]
+    out_sp = win.shape[2:2 + d]
+    m = w.shape[0]
+    cols = np.moveaxis(win, 1, 1 + d)  # N, *out, C, *k
+    kk = (c // group) * int(np.prod(kernel))
+    cols = cols.reshape(n, int(np.prod(out_sp)), group, kk).transpose(0, 2, 1, 3)  # N, G, L, kk
+    wc = w.astype(np.float64)
+    if w_zp is not None:
+        wc = wc - _channel(w_zp, w.ndim, 0)
+    wg = wc.reshape(group, m // group, kk).transpose(0, 2, 1)  # G, kk, M/G
+    acc = np.matmul(cols, wg)  # N, G, L, M/G
+    acc = acc.transpose(0, 1, 3, 2).reshape(n, m, *out_sp)
+    acc = _exact_int(acc)
+    if bias is not None:
+        acc = acc + _channel(bias, acc.ndim, 1)
+    return _finish(node, acc, _channel(multiplier, acc.ndim, 1), _channel(shift, acc.ndim, 1))
+
+
+def _qgemm(node: Node, x, w, bias=None, multiplier=None, shift=None, w_zp=None):
+    wc = w.astype(np.float64)
+    if int(_attr(node, "transB", 0)):
+        if w_zp is not None:
+            wc = wc - _channel(w_zp, 2, 0)
+        wc = wc.T
+    elif w_zp is not None:
+        wc = wc - _channel(w_zp, 2, 1)
+    acc = _exact_int(_centered(x, _attr(node, "x_zero_point", 0)) @ wc)
+    if bias is not None:
+        acc = acc + np.asarray(bias, np.int64).reshape(-1)
+    return _finish(node, acc, _channel(multiplier, 2, 1), _channel(shift, 2, 1))
+
+
+def _qmatmul(node: Node, x, w, multiplier=None, shift=None, w_zp=None):
+    wc = w.astype(np.float64)
+    if w_zp is not None:
+        wc = wc - _channel(w_zp, 2, 1)
+    acc = _exact_int(_centered(x, _attr(node, "x_zero_point", 0)) @ wc)
+    return _finish(node, acc, _channel(multiplier, acc.ndim, acc.ndim - 1), _channel(shift, acc.ndim, acc.ndim - 1))
+
+
+# -- elementwise and pooling --------------------------------------------------------
+def _qadd(node: Node, a, b):
+    acc = (a.astype(np.int64) - _attr(node, "a_zero_point", 0)) * np.int64(_attr(node, "a_multiplier")) + \
+        (b.astype(np.int64) - _attr(node, "b_zero_point", 0)) * np.int64(_attr(node, "b_multiplier"))
+    return _finish(node, acc, 1, _attr(node, "shift"))
+
+
+def _qmul(node: Node, a, b):
+    acc = (a.astype(np.int64) - _attr(node, "a_zero_point", 0)) * (b.astype(np.int64) - _attr(node, "b_zero_point", 0))
+    return _finish(node, acc, _attr(node, "multiplier"), _attr(node, "shift"))
+
+
+def _qavgpool(node: Node, x):
+    xc = x.astype(np.int64) - _attr(node, "x_zero_point", 0)
+    d = x.ndim - 2
+    if _attr(node, "global", 0):
+        acc = xc.sum(axis=tuple(range(2, x.ndim)), keepdims=True)
+    else:
+        kernel = list(_attr(node, "kernel_shape"))
+        xc = _pad(xc, list(_attr(node, "pads", None) or [0] * (2 * d)), 0)
+        win = _windows(xc, kernel, list(_attr(node, "strides", None) or [1] * d), [1] * d)
+        acc = win.sum(axis=tuple(range(2 + d, 2 + 2 * d)))
+    return _finish(node, acc, _attr(node, "multiplier"), _attr(node, "shift"))
+
+
+def _requant(node: Node, x):
+    return _finish(node, x.astype(np.int64) - _attr(node, "x_zero_point", 0), _attr(node, "multiplier"),
+                   _attr(node, "shift"))
+
+
+def _quantize(node: Node, x, scale, zp=None):
+    axis = _attr(node, "axis", 1)
+    s = np.asarray(scale, np.float32)
+    z = np.zeros((), np.int64) if zp is None else np.asarray(zp)
+    if s.ndim:
+        s, zc = s.reshape(_bshape(x.ndim, axis, s.size)), z.reshape(_bshape(x.ndim, axis, s.size))
+    else:
+        zc = z
+    dtype = np.dtype(np.uint8) if zp is None else np.asarray(zp).dtype
+    info = np.iinfo(dtype)
+    y = np.rint(np.asarray(x, np.float32) / s) + zc.astype(np.float32)  # round half to even
+    return np.clip(y, info.min, info.max).astype(dtype)
+
+
+def _dequantize(node: Node, x, scale, zp=None):
+    axis = _attr(node, "axis", 1)
+    s = np.asarray(scale, np.float32)
+    z = np.zeros((), np.int64) if zp is None else np.asarray(zp, np.int64)
+    if s.ndim:
+        s, z = s.reshape(_bshape(x.ndim, axis, s.size)), z.reshape(_bshape(x.ndim, axis, s.size))
+    return ((x.astype(np.int64) - z).astype(np.float32) * s).astype(np.float32)
+
+
+def _bshape(ndim: int, axis: int, size: int) -> List[int]:
+    shape = [1] * ndim
+    shape[axis % ndim] = size
+    return shape
+
+
+_OPS = {QCONV: _qconv, QGEMM: _qgemm, QMATMUL: _qmatmul, QADD: _qadd, QMUL: _qmul, QAVERAGEPOOL: _qavgpool,
+        REQUANTIZE: _requant, QUANTIZE: _quantize, DEQUANTIZE: _dequantize}
+
+
+# -- data movement on integer tensors -------------------------------------------------
+def _maxpool(node: Node, x):
+    d = x.ndim - 2
+    kernel = list(_attr(node, "kernel_shape"))
+    strides = list(_attr(node, "strides", None) or [1] * d)
+    dilations = list(_attr(node, "dilations", None) or [1] * d)
+    pads = list(_attr(node, "pads", None) or [0] * (2 * d))
+    if _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+        raise IntegerGraphError(f"MaxPool auto_pad is not supported (node {node.label})")
+    if _attr(node, "ceil_mode", 0):
+        pads = list(pads)
+        for i in range(d):
+            eff = (kernel[i] - 1) * dilations[i] + 1
+            span = x.shape[2 + i] + pads[i] + pads[i + d] - eff
+            extra = (-span) % strides[i]
+            pads[i + d] += extra
+    low = np.iinfo(x.dtype).min
+    win = _windows(_pad(x, pads, low), kernel, strides, dilations)
+    return win.max(axis=tuple(range(2 + d, 2 + 2 * d)))
+
+
+def _flatten(node: Node, x):
+    axis = _attr(node, "axis", 1) % max(x.ndim, 1) if x.ndim else 0
+    return x.reshape(int(np.prod(x.shape[:axis])), -1)
+
+
+def _reshape(node: Node, x, shape):
+    shape = [int(s) for s in shape]
+    if not _attr(node, "allowzero", 0):
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def _transpose(node: Node, x):
+    perm = _attr(node, "perm", None)
+    return np.transpose(x, perm)
+
+
+def _axes(node: Node, axes) -> Optional[List[int]]:
+    if axes is not None:
+        return [int(a) for a in np.asarray(axes).ravel()]
+    a = _attr(node, "axes", None)
+    return None if a is None else list(a)
+
+
+def _squeeze(node: Node, x, axes=None):
+    ax = _axes(node, axes)
+    return np.squeeze(x, axis=None if ax is None else tuple(a % x.ndim for a in ax))
+
+
+def _unsqueeze(node: Node, x, axes=None):
+    ax = _axes(node, axes)
+    rank = x.ndim + len(ax)
+    for a in sorted(a % rank for a in ax):
+        x = np.expand_dims(x, a)
+    return x
+
+
+def _concat(node: Node, *xs):
+    return np.concatenate(xs, axis=_attr(node, "axis"))
+
+
+_MOVES = {"MaxPool": _maxpool, "Flatten": _flatten, "Reshape": _reshape, "Transpose": _transpose,
+          "Squeeze": _squeeze, "Unsqueeze": _unsqueeze, "Concat": _concat}
+
+
+# -- host float ops ----------------------------------------------------------------
+class _Host:
+    """Float ops on the host: one onnxruntime session per node, built on first use."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.sessions: Dict[int, object] = {}
+        self.proto = None
+
+    def run(self, node: Node, args: List[Optional[np.ndarray]]) -> List[np.ndarray]:
+        if any(True for _ in node.subgraphs()):
+            raise IntegerGraphError(f"host op {node.label} has subgraphs: not supported by the integer reference")
+        sess = self.sessions.get(id(node))
+        if sess is None:
+            sess = self.sessions[id(node)] = self._session(node, args)
+        feeds = {f"i{i}": a for i, a in enumerate(args) if a is not None}
+        return list(sess.run(None, feeds))
+
+    def _session(self, node: Node, args):
+        import onnx
+        import onnxruntime as ort
+        from onnx import helper
+
+        from qcompile.onnx_io.exporter import to_proto
+
+        # the node as exported, with its inputs renamed i0.., outputs o0..
+        if self.proto is None:
+            self.proto = to_proto(self.model)
+        proto = self.proto
+        np_node = next((n for n in proto.graph.node if n.name == node.name and n.op_type == node.op_type
+                        and list(n.output) == [v.name for v in node.outputs]), None)
+        if np_node is None:
+            raise IntegerGraphError(f"host op {node.label}: cannot export it")
+        ins = [f"i{i}" if a is not None else "" for i, a in enumerate(args)]
+        outs = [f"o{i}" for i in range(len(node.outputs))]
+        n2 = helper.make_node(node.op_type, ins, outs, domain=node.domain, name=node.name)
+        n2.attribute.extend(np_node.attribute)
+        inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+                  for n, a in zip(ins, args) if a is not None]
+        outputs = [helper.make_tensor_value_info(
+            o, v.type.dtype.onnx_type if isinstance(v.type, TensorType) else onnx.TensorProto.FLOAT, None)
+            for o, v in zip(outs, node.outputs)]
+        graph = helper.make_graph([n2], "host", inputs, outputs)
+        opsets = [helper.make_opsetid(d, v) for d, v in self.model.opset_imports.items() if d != DOMAIN]
+        m = helper.make_model(graph, opset_imports=opsets, ir_version=min(self.model.ir_version, 10))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])

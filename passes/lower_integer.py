@@ -1,0 +1,432 @@
+"""`lower-integer`: rewrite a QDQ graph into integer ops with explicit requantization.
+
+The ops, their attributes and the rounding rule are defined once in qcompile.quant_math
+(domain `qcompile.int`); the integer reference evaluator (qcompile.backend.reference)
+computes them. Every integer tensor is typed with its QuantParams.
+
+What it rewrites (DQ = DequantizeLinear with constant per-tensor scale/zero point of an
+activation, W/B = DequantizeLinear of a constant int weight/int32 bias, Q = a per-tensor
+QuantizeLinear that is the only reader of the op's output, or of a Relu/Clip that is):
+  1. DQ -> Conv(W, B?) [-> Relu|Clip] -> Q         =>  QConv (per-channel multiplier/shift,
+     the Relu/Clip as saturation bounds).
+  2. DQ -> Gemm(W, B?) [-> Relu|Clip] -> Q          =>  QGemm (alpha = beta = 1, transA = 0).
+  3. DQ -> MatMul(W) [-> Relu|Clip] -> Q            =>  QMatMul (W is [K, N]).
+  4. DQ, DQ -> Add|Mul [-> Relu|Clip] -> Q          =>  QAdd | QMul.
+  5. DQ -> AveragePool|GlobalAveragePool [-> Relu|Clip] -> Q  =>  QAveragePool (no padding
+     unless count_include_pad, ceil_mode 0).
+  6. DQ -> MaxPool|Flatten|Reshape|Transpose|Squeeze|Unsqueeze [-> Relu|Clip] -> Q  =>  the
+     same op on the integer tensor, then a Requantize when the scale, zero point or
+     bounds change.
+  7. DQ.. -> Concat -> Q                            =>  a Requantize per input whose scale
+     differs from the output's, then Concat.
+  8. DQ -> Relu|Clip -> Q                           =>  Requantize with narrowed bounds.
+  9. What is left of the QDQ convention becomes the interface: each remaining
+     QuantizeLinear becomes `Quantize` (float -> int, graph inputs and host float ops),
+     each remaining DequantizeLinear `Dequantize` (graph outputs, host float ops).
+Left alone (they stay float ops, run on the host between Dequantize and Quantize):
+anything else (Softmax, LayerNorm, ReduceMean, LSTM, ...), ops whose output is also read
+by something other than its Q (or is a graph output), per-channel activation scales,
+Gemm with alpha/beta != 1 or transA, AveragePool with padding that excludes the pad, and
+subgraphs. A rewrite whose rescale factor is outside (0, 2^30) is skipped and counted.
+This pass computes no tensors: it never imports the backend.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from qcompile.ir import INT32, INT64, Graph, Model, Node, QuantParams, TensorType, Value
+from qcompile.passmanager import Pass, PassResult, register_pass
+from qcompile.quant_math import (
+    DEQUANTIZE, DOMAIN, QADD, QAVERAGEPOOL, QCONV, QGEMM, QMATMUL, QMUL, QUANTIZE, REQUANTIZE,
+    quantize_multiplier, quantize_multiplier_pair,
+)
+
+__all__ = ["LowerInteger"]
+
+_MOVE = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
+_FUSE = {"Relu", "Clip"}
+
+
+class _Act:
+    """An activation DQ: the integer tensor it reads and its per-tensor parameters."""
+
+    def __init__(self, q: Value, scale: float, zp: int):
+        self.q, self.scale, self.zp = q, float(scale), int(zp)
+
+
+class _Out:
+    """Where an op's result is quantized: the Q node, its parameters, saturation bounds
+    and the nodes (op's Relu/Clip, Q) that the rewrite replaces."""
+
+    def __init__(self, q: Node, scale: float, zp: int, dtype, lo: int, hi: int, chain: List[Node]):
+        self.q, self.scale, self.zp, self.dtype, self.lo, self.hi, self.chain = q, scale, zp, dtype, lo, hi, chain
+
+
+@register_pass("lower-integer")
+class LowerInteger(Pass):
+    """Rewrite DQ->op->Q patterns into integer ops (domain qcompile.int) with
+    int32 multiplier/shift requantization."""
+
+    def run(self, model: Model) -> PassResult:
+        g = model.graph
+        lowered = 0
+        for node in g.nodes:
+            if node.graph is not g:
+                continue
+            rule = _RULES.get(node.op_type)
+            if rule is None or node.domain not in ("", "ai.onnx"):
+                continue
+            try:
+                new = rule(self, g, node)
+            except _Skip as why:
+                self.stats[f"{node.op_type} left in float: {why}"] += 1
+                continue
+            if new is not None:
+                lowered += 1
+                self.stats[f"{node.op_type} lowered"] += 1
+        converted = _convert_interface(g)
+        self.stats["Quantize/Dequantize at the float interface"] += converted
+        _sweep(g)
+        if lowered or converted:
+            model.opset_imports.setdefault(DOMAIN, 1)
+        g.sort()
+        return PassResult(model, modified=bool(lowered or converted))
+
+    # -- rules ----------------------------------------------------------------------
+    def _weighted(self, g: Graph, node: Node) -> Optional[Node]:
+        op = node.op_type
+        x = _act(node.inputs[0])
+        w = _const_dq(node.inputs[1] if len(node.inputs) > 1 else None)
+        if x is None or w is None:
+            raise _Skip("inputs are not dequantized integers")
+        out = _out(g, node)
+        w_q, w_scale, w_zp, w_axis = w
+        attrs: Dict[str, object] = {}
+        if op == "Conv":
+            channel_axis, channels = 0, w_q.const_value.shape[0]
+            for key in ("strides", "pads", "dilations", "group", "kernel_shape", "auto_pad"):
+                if key in node.attributes:
+                    attrs[key] = node.attributes[key]
+            if node.attr("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+                raise _Skip("auto_pad")
+        elif op == "Gemm":
+            if node.attr("alpha", 1.0) != 1.0 or node.attr("beta", 1.0) != 1.0 or node.attr("transA", 0):
+                raise _Skip("alpha/beta/transA")
+            trans_b = int(node.attr("transB", 0))
+            channel_axis = 0 if trans_b else 1
+            channels = w_q.const_value.shape[channel_axis]
+            attrs["transB"] = trans_b
+        else:  # MatMul
+            if w_q.const_value.ndim != 2:
+                raise _Skip("weight is not 2-D")
+            channel_axis, channels = 1, w_q.const_value.shape[1]
+        if w_axis is not None and w_axis % w_q.const_value.ndim != channel_axis:
+            raise _Skip("weight scale is not per output channel")
+        w_scale = np.broadcast_to(np.asarray(w_scale, np.float64).ravel(), (channels,)) if np.size(w_scale) in (1, channels) else None
+        if w_scale is None:
+            raise _Skip("weight scale shape")
+        acc_scale = np.float64(x.scale) * w_scale
+        real = acc_scale / out.scale
+        m, s = _multiplier(real)
+        inputs: List[Optional[Value]] = [x.q, w_q]
+        if op != "MatMul":
+            inputs.append(_bias(g, node, acc_scale, channels))
+        inputs += [g.make_constant(m.astype(np.int32), node.name + "_multiplier"),
+                   g.make_constant(s.astype(np.int8), node.name + "_shift")]
+        w_zp = np.asarray(w_zp)
+        if np.any(w_zp != 0):
+            inputs.append(g.make_constant(np.broadcast_to(w_zp.astype(np.int32).ravel(), (channels,)).copy(),
+                                          node.name + "_w_zero_point"))
+        attrs.update(x_zero_point=x.zp, out_zero_point=out.zp, out_min=out.lo, out_max=out.hi)
+        name = {"Conv": QCONV, "Gemm": QGEMM, "MatMul": QMATMUL}[op]
+        return _replace(g, node, out, Node(name, inputs, attrs, domain=DOMAIN, name=node.name))
+
+    def _binary(self, g: Graph, node: Node) -> Optional[Node]:
+        a, b = (_act(v) for v in node.inputs[:2])
+        if a is None or b is None or len(node.inputs) != 2:
+            raise _Skip("inputs are not dequantized integers")
+        out = _out(g, node)
+        attrs: Dict[str, object] = dict(a_zero_point=a.zp, b_zero_point=b.zp, out_zero_point=out.zp,
+                                        out_min=out.lo, out_max=out.hi)
+        if node.op_type == "Add":
+            ra, rb = a.scale / out.scale, b.scale / out.scale
+            _check_real([ra, rb])
+            ma, mb, s = quantize_multiplier_pair(ra, rb)
+            attrs.update(a_multiplier=ma, b_multiplier=mb, shift=s)
+            op = QADD
+        else:
+            m, s = _multiplier(a.scale * b.scale / out.scale)
+            attrs.update(multiplier=int(m), shift=int(s))
+            op = QMUL
+        return _replace(g, node, out, Node(op, [a.q, b.q], attrs, domain=DOMAIN, name=node.name))
+
+    def _avgpool(self, g: Graph, node: Node) -> Optional[Node]:
+        x = _act(node.inputs[0])
+        if x is None:
+            raise _Skip("input is not a dequantized integer")
+        shape = x.q.type.shape if isinstance(x.q.type, TensorType) else None
+        attrs: Dict[str, object] = {}
+        if node.op_type == "GlobalAveragePool":
+            if shape is None or not all(isinstance(d, int) for d in shape[2:]):
+                raise _Skip("spatial shape unknown")
+            window = int(np.prod(shape[2:]))
+            attrs["global"] = 1
+        else:
+            if node.attr("ceil_mode", 0) or node.attr("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+                raise _Skip("ceil_mode/auto_pad")
+            pads = list(node.attr("pads", []) or [])
+            if any(pads) and not node.attr("count_include_pad", 0):
+                raise _Skip("padding excluded from the average")
+            kernel = list(node.attr("kernel_shape"))
+            window = int(np.prod(kernel))
+            attrs.update(kernel_shape=kernel, strides=list(node.attr("strides", [1] * len(kernel))),
+                         pads=pads or [0] * (2 * len(kernel)), **{"global": 0})
+        out = _out(g, node)
+        m, s = _multiplier(x.scale / (out.scale * window))
+        attrs.update(x_zero_point=x.zp, multiplier=int(m), shift=int(s), out_zero_point=out.zp,
+                     out_min=out.lo, out_max=out.hi)
+        return _replace(g, node, out, Node(QAVERAGEPOOL, [x.q], attrs, domain=DOMAIN, name=node.name))
+
+    def _move(self, g: Graph, node: Node) -> Optional[Node]:
+        x = _act(node.inputs[0])
+        if x is None or any(_act(v) is not None for v in node.inputs[1:]):
+            raise _Skip("input is not a dequantized integer")
+        out = _out(g, node)
+        moved = Node(node.op_type, [x.q, *node.inputs[1:]], dict(node.attributes), name=node.name)
+        moved.output.type = _retype(node.output, x.q.type.dtype, x.scale, x.zp)
+        g.insert_before(out.q, moved)
+        return _replace(g, node, out, _requantize(g, moved.output, x.scale, x.zp, out, node.name), extra=[moved])
+
+    def _relu(self, g: Graph, node: Node) -> Optional[Node]:
+        x = _act(node.inputs[0])
+        if x is None:
+            raise _Skip("input is not a dequantized integer")
+        out = _out(g, node, fuse=False)
+        lo, hi = _bounds(g, node, out.scale, out.zp, out.lo, out.hi)
+        out.lo, out.hi = lo, hi
+        return _replace(g, node, out, _requantize(g, x.q, x.scale, x.zp, out, node.name, force=True))
+
+    def _concat(self, g: Graph, node: Node) -> Optional[Node]:
+        acts = [_act(v) for v in node.inputs]
+        if any(a is None for a in acts):
+            raise _Skip("inputs are not dequantized integers")
+        out = _out(g, node, fuse=False)
+        ins = []
+        extra = []
+        for i, a in enumerate(acts):
+            same = np.float32(a.scale) == np.float32(out.scale) and a.zp == out.zp and a.q.type.dtype == out.dtype
+            if same:
+                ins.append(a.q)
+                continue
+            full = _Out(out.q, out.scale, out.zp, out.dtype, out.dtype.min, out.dtype.max, [])
+            r = _requantize(g, a.q, a.scale, a.zp, full, f"{node.name}_in{i}", force=True)
+            g.insert_before(out.q, r)
+            extra.append(r)
+            ins.append(r.output)
+        cat = Node("Concat", ins, dict(node.attributes), name=node.name)
+        return _replace(g, node, out, cat, extra=extra)
+
+
+_RULES = {
+    "Conv": LowerInteger._weighted, "Gemm": LowerInteger._weighted, "MatMul": LowerInteger._weighted,
+    "Add": LowerInteger._binary, "Mul": LowerInteger._binary,
+    "AveragePool": LowerInteger._avgpool, "GlobalAveragePool": LowerInteger._avgpool,
+    "Relu": LowerInteger._relu, "Clip": LowerInteger._relu, "Concat": LowerInteger._concat,
+    **{op: LowerInteger._move for op in _MOVE},
+}
+
+
+class _Skip(Exception):
+    """The pattern does not match here; the message says why (counted in stats)."""
+
+
+# -- matching helpers -------------------------------------------------------------
+def _const(v: Optional[Value]) -> Optional[np.ndarray]:
+    return None if v is None or v.const_value is None else np.asarray(v.const_value)
+
+
+def _dq_parts(v: Optional[Value]):
+    p = v.producer if v is not None else None
+    if p is None or p.op_type != "DequantizeLinear" or p.domain not in ("", "ai.onnx"):
+        return None
+    scale = _const(p.inputs[1])
+    zp = _const(p.inputs[2]) if len(p.inputs) > 2 and p.inputs[2] is not None else np.zeros((), np.int64)
+    if scale is None or zp is None:
+        return None
+    axis = p.attr("axis", 1) if scale.ndim else None
+    return p.inputs[0], scale, zp, axis
+
+
+def _act(v: Optional[Value]) -> Optional[_Act]:
+    """The integer activation behind `v` = DQ(q) with per-tensor parameters."""
+    parts = _dq_parts(v)
+    if parts is None:
+        return None
+    q, scale, zp, _ = parts
+    if scale.size != 1 or q.const_value is not None or not isinstance(q.type, TensorType):
+        return None
+    if q.type.dtype.bits > 8:
+        return None
+    return _Act(q, float(scale.reshape(())), int(zp.reshape(())))
+
+
+def _const_dq(v: Optional[Value]):
+    """(int weight, scale, zero point, axis) of a DQ of a constant integer tensor."""
+    parts = _dq_parts(v)
+    if parts is None or parts[0].const_value is None or len(v.uses) != 1:
+        return None
+    return parts
+
+
+def _out(g: Graph, node: Node, fuse: bool = True) -> _Out:
+    """The Q that quantizes `node`'s result (through a fused Relu/Clip)."""
+    chain = [node]
+    v = node.outputs[0]
+    lo_hi_node = None
+    if fuse and _sole_reader(g, v) is not None and _sole_reader(g, v).op_type in _FUSE:
+        lo_hi_node = _sole_reader(g, v)
+        chain.append(lo_hi_node)
+        v = lo_hi_node.outputs[0]
+    q = _sole_reader(g, v)
+    if q is None or q.op_type != "QuantizeLinear" or q.inputs[0] is not v:
+        raise _Skip("result is not quantized by a single QuantizeLinear")
+    scale, zp = _const(q.inputs[1]), _const(q.inputs[2]) if len(q.inputs) > 2 else None
+    if scale is None or scale.size != 1 or (zp is not None and zp.size != 1):
+        raise _Skip("output quantization is not per-tensor")
+    dtype = q.output.type.dtype if isinstance(q.output.type, TensorType) else None
+    if dtype is None or not dtype.is_integer or dtype.bits > 8:
+        raise _Skip("output type is not an 8-bit integer")
+    zp_i = int(zp.reshape(())) if zp is not None else 0
+    out = _Out(q, float(scale.reshape(())), zp_i, dtype, dtype.min, dtype.max, chain + [q])
+    if lo_hi_node is not None:
+        out.lo, out.hi = _bounds(g, lo_hi_node, out.scale, out.zp, out.lo, out.hi)
+    return out
+
+
+def _sole_reader(g: Graph, v: Value) -> Optional[Node]:
+    if len(v.uses) != 1 or any(o is v for o in g.outputs):
+        return None
+    return v.uses[0][0]
+
+
+def _bounds(g: Graph, act: Node, scale: float, zp: int, lo: int, hi: int) -> Tuple[int, int]:
+    """Saturation bounds of a Relu/Clip folded into the output quantization."""
+    if act.op_type == "Relu":
+        return max(lo, zp), hi
+    if len(act.inputs) > 1 or act.attr("min") is None and act.attr("max") is None:
+        vmin = _const(act.inputs[1]) if len(act.inputs) > 1 and act.inputs[1] is not None else None
+        vmax = _const(act.inputs[2]) if len(act.inputs) > 2 and act.inputs[2] is not None else None
+        if (len(act.inputs) > 1 and act.inputs[1] is not None and vmin is None) or \
+                (len(act.inputs) > 2 and act.inputs[2] is not None and vmax is None):
+            raise _Skip("Clip bounds are not constant")
+    else:
+        vmin, vmax = act.attr("min"), act.attr("max")
+    if vmin is not None:
+        lo = max(lo, min(hi, int(np.rint(np.float32(vmin) / np.float32(scale))) + zp))
+    if vmax is not None:
+        hi = min(hi, max(lo, int(np.rint(np.float32(vmax) / np.float32(scale))) + zp))
+    return lo, hi
+
+
+def _check_real(real) -> None:
+    r = np.asarray(real, dtype=np.float64)
+    if np.any(~np.isfinite(r)) or np.any(r <= 0) or np.any(r >= 2.0 ** 30):
+        raise _Skip("rescale factor outside (0, 2^30)")
+
+
+def _multiplier(real) -> Tuple[np.ndarray, np.ndarray]:
+    _check_real(real)
+    return quantize_multiplier(real)
+
+
+def _bias(g: Graph, node: Node, acc_scale: np.ndarray, channels: int) -> Optional[Value]:
+    """The int32 bias at the accumulator's scale (None when there is none)."""
+    v = node.inputs[2] if len(node.inputs) > 2 else None
+    if v is None:
+        return None
+    parts = _const_dq(v)
+    if parts is not None:
+        b_q, b_scale, b_zp, _ = parts
+        b = (b_q.const_value.astype(np.float64) - b_zp.astype(np.float64)) * b_scale.astype(np.float64)
+        exact = b_q.const_value.dtype == np.int32 and not np.any(b_zp) and \
+            np.allclose(np.broadcast_to(b_scale, (channels,)), acc_scale, rtol=1e-6, atol=0)
+        if exact and b_q.const_value.size == channels:
+            return b_q
+    elif v.const_value is not None:
+        b = v.const_value.astype(np.float64)
+    else:
+        raise _Skip("bias is not constant")
+    b = np.broadcast_to(np.asarray(b).ravel(), (channels,)) if np.size(b) in (1, channels) else None
+    if b is None:
+        raise _Skip("bias shape")
+    q = np.clip(np.rint(b / acc_scale), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
+    return g.make_constant(q, node.name + "_bias_acc")
+
+
+def _retype(like: Value, dtype, scale: float, zp: int) -> TensorType:
+    shape = like.type.shape if isinstance(like.type, TensorType) else None
+    return TensorType(dtype, shape, QuantParams(np.float32(scale), np.int64(zp)))
+
+
+def _requantize(g: Graph, x: Value, scale: float, zp: int, out: _Out, name: str, force: bool = False) -> Node:
+    """Requantize `x` (scale, zp) to `out`'s parameters; with nothing to change and not
+    `force`, an Identity-free pass-through is expressed by returning the producer."""
+    same = (np.float32(scale) == np.float32(out.scale) and zp == out.zp and x.type.dtype == out.dtype
+            and out.lo == out.dtype.min and out.hi == out.dtype.max)
+    if same and not force and x.producer is not None:
+        return x.producer
+    m, s = _multiplier(scale / out.scale)
+    attrs = dict(x_zero_point=int(zp), multiplier=int(m), shift=int(s), out_zero_point=out.zp,
+                 out_min=out.lo, out_max=out.hi)
+    return Node(REQUANTIZE, [x], attrs, domain=DOMAIN, name=name + "_requantize")
+
+
+def _replace(g: Graph, node: Node, out: _Out, new: Node, extra: Sequence[Node] = ()) -> Node:
+    """Put `new` in place of the chain node [-> Relu/Clip] -> Q; the Q's output keeps
+    its name and now comes from `new`."""
+    q_out = out.q.output
+    if new.graph is None:
+        g.insert_before(out.q, new)
+    new.output.type = TensorType(out.dtype, q_out.type.shape if isinstance(q_out.type, TensorType) else None,
+                                 QuantParams(np.float32(out.scale), np.int64(out.zp)))
+    name = q_out.name
+    q_out.replace_all_uses_with(new.output)
+    if any(o is q_out for o in g.outputs):
+        g.replace_output(q_out, new.output)
+    q_out.name = g.unique_name(name + "_replaced")
+    new.output.name = name
+    for dead in reversed(out.chain):
+        g.remove(dead)
+    return new
+
+
+def _convert_interface(g: Graph) -> int:
+    """Remaining QuantizeLinear/DequantizeLinear become Quantize/Dequantize."""
+    count = 0
+    for node in g.nodes:
+        if node.domain in ("", "ai.onnx") and node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            if not node.outputs[0].uses and not any(o is node.outputs[0] for o in g.outputs):
+                continue  # dead; swept below
+            node.op_type = QUANTIZE if node.op_type == "QuantizeLinear" else DEQUANTIZE
+            node.domain = DOMAIN
+            count += 1
+    return count
+
+
+def _sweep(g: Graph) -> None:
+    """Remove the QDQ nodes and constants the rewrites left without readers."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(g.nodes):
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear", QUANTIZE, DEQUANTIZE, "Constant") and \
+                    all(not v.uses and not any(o is v for o in g.outputs) for v in node.outputs):
+                g.remove(node)
+                changed = True
+    outs = {id(v) for v in g.outputs}
+    ins = {id(v) for v in g.inputs}
+    for name, v in list(g.initializers.items()):
+        if not v.uses and id(v) not in outs and id(v) not in ins:
+            g.remove_initializer(name)
