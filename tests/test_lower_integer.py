@@ -339,3 +339,10 @@ def test_requantize_matches_float_rounding(real, zp, seed):
 def test_requantize_rounds_half_up():
     m, s = quantize_multiplier(0.5)
     assert requantize(np.array([1, 3, -1, -3]), m, s, 0, -128, 127).tolist() == [1, 2, 0, -1]
+
+
+def test_inspect_counts_macs_of_integer_ops(digits):
+    from qcompile.analysis import summarize
+
+    float_macs = summarize(qcompile.load(f"{EXAMPLES}/digits_cnn.onnx")).total_macs
+    assert summarize(digits[1]).total_macs == float_macs == 80896

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .. import quant_math
 from ..ir import Node, TensorType, Value
 
 __all__ = ["node_macs", "static_shape"]
@@ -29,6 +30,7 @@ __all__ = ["node_macs", "static_shape"]
 _CONV = {"Conv", "ConvInteger", "QLinearConv"}
 _MATMUL = {"MatMul", "MatMulInteger", "QLinearMatMul"}
 _GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
+_INTEGER_TWINS = {quant_math.QCONV: "Conv", quant_math.QGEMM: "Gemm", quant_math.QMATMUL: "MatMul"}
 
 
 def static_shape(v: Optional[Value]) -> Optional[tuple]:
@@ -55,7 +57,9 @@ def node_macs(node: Node) -> Optional[int]:
     """MACs of one node per inference; 0 for ops without inner products; None when
     shapes needed for the count are unknown."""
     op = node.op_type
-    if node.domain not in ("", "ai.onnx"):
+    if node.domain == quant_math.DOMAIN:  # the integer ops count as their float twins
+        op = _INTEGER_TWINS.get(op, "")
+    elif node.domain not in ("", "ai.onnx"):
         return 0
     if op in _CONV:
         weight = node.inputs[3] if op == "QLinearConv" else node.inputs[1]
