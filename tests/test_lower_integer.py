@@ -342,7 +342,9 @@ def test_requantize_rounds_half_up():
 
 
 def test_inspect_counts_macs_of_integer_ops(digits):
-    from qcompile.analysis import summarize
+    from qcompile.analysis import infer_shapes, summarize
 
-    float_macs = summarize(qcompile.load(f"{EXAMPLES}/digits_cnn.onnx")).total_macs
+    float_model = qcompile.load(f"{EXAMPLES}/digits_cnn.onnx")
+    infer_shapes(float_model)
+    float_macs = summarize(float_model).total_macs
     assert summarize(digits[1]).total_macs == float_macs == 80896
