@@ -151,3 +151,21 @@ def test_inspect_shows_quantization_parameters_and_true_bit_widths(tmp_path):
     assert act["scale"] == [pytest.approx(1 / 255)] and act["zero_point"] == [-128]
     text = format_summary(s)
     assert "quantized tensor" in text and " i4 " in text
+
+
+def test_config_file_sets_options_and_the_pipeline_wins(tmp_path):
+    cfg = tmp_path / "q.toml"
+    cfg.write_text('weights = "int4"\nmin_weight_sqnr = 0.0\n[overrides]\nGemm = "int8"\n"/0/Conv" = "float"\n')
+    model = quantized(f"config={cfg}")
+    assert sorted(json.loads(model.metadata_props["qcompile.weight_bits"]).values()) == ["i4", "i8"]
+    assert next(n for n in model.graph.nodes if n.op_type == "Conv").inputs[1].is_initializer  # float
+    # the pipeline's own option wins over the file's
+    model = quantized(f"config={cfg},weights=int3")
+    assert sorted(json.loads(model.metadata_props["qcompile.weight_bits"]).values()) == ["i3", "i8"]
+    js = tmp_path / "q.json"
+    js.write_text('{"wieghts": "int4"}')
+    with pytest.raises(PassFailedError, match=r"q.json: unknown quantize setting 'wieghts'"):
+        quantized(f"config={js}")
+    js.write_text('{"weights": "int9"}')
+    with pytest.raises(PassFailedError, match=r"q.json: setting 'weights': expected str, one of int8"):
+        quantized(f"config={js}")

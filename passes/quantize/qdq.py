@@ -20,6 +20,7 @@ What it rewrites, for every Conv, Gemm and MatMul whose weight is a constant:
 Per layer:
   5. `overrides=PATTERN:TYPE;...` gives layers another weight type, or `float`; PATTERN
      is an op type or a regular expression searched in node names; later entries win.
+     `config=FILE` (.json or .toml) holds the same options, overrides as a table.
   6. `min_weight_sqnr=DB` is the error budget of the automatic precision fallback: a
      layer whose weights, at the chosen type, have an SQNR under DB decibels is kept at
      int8 (or in float when int8 falls short too). Each decision, with its reason, is
@@ -76,6 +77,8 @@ class Quantize(Pass):
                                  "expression over node names, TYPE a weight type or 'float'")
     min_weight_sqnr: float = option(0.0, "precision fallback: a layer whose weight SQNR (dB) falls below this "
                                          "at the chosen type is kept at int8, or float if int8 falls short too")
+    config: str = option("", "a .json or .toml file with these options (overrides as a table PATTERN = TYPE); "
+                             "options given in the pipeline win")
 
     def requires(self, model: Model) -> None:
         if "calibration" not in model.annotations:
@@ -85,6 +88,8 @@ class Quantize(Pass):
             )
 
     def run(self, model: Model) -> PassResult:
+        if self.config:
+            self._apply_config(self.config)
         if model.opset < 13:
             model = upgrade_opset(model, 13)
         model.annotations["float_model"] = to_proto(model)
@@ -121,6 +126,49 @@ class Quantize(Pass):
         self.stats["activation tensors quantized"] += len(q.done) // 2
         model.graph.sort()
         return PassResult(model, modified=bool(q.done or bits))
+
+
+    def _apply_config(self, path: str) -> None:
+        """Take options from a config file where the pipeline did not give them; the
+        file's overrides come before the pipeline's (so the pipeline's win)."""
+        settings = _read_config(path)
+        given = self.given_options
+        for key, value in settings.items():
+            if key == "overrides":
+                if not isinstance(value, dict):
+                    raise QCompileError(f"{path}: 'overrides' must be a table of PATTERN = TYPE")
+                self.overrides = [f"{k}:{v}" for k, v in value.items()] + list(self.overrides)
+                continue
+            if key == "config" or key not in self._options:
+                valid = ", ".join(sorted(k for k in self._options if k != "config"))
+                raise QCompileError(f"{path}: unknown quantize setting {key!r} (settings: {valid})")
+            if key in given:
+                continue
+            try:
+                setattr(self, key, type(self).option_spec(key).convert(value))
+            except ValueError as e:
+                raise QCompileError(f"{path}: setting {key!r}: {e}") from None
+
+
+def _read_config(path: str) -> dict:
+    """The settings in a .json or .toml file, as a dict; QCompileError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise QCompileError(f"quantize config {path}: {e.strerror}") from None
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+
+            settings = tomllib.loads(data.decode("utf-8"))
+        else:
+            settings = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise QCompileError(f"quantize config {path}: not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {e}")
+    if not isinstance(settings, dict):
+        raise QCompileError(f"quantize config {path}: expected a table of settings at the top level")
+    return settings
 
 
 class _LayerPlan:
