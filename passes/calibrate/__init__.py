@@ -133,9 +133,10 @@ class Calibrate(Pass):
 
     # -- running ---------------------------------------------------------------------
     def _collect(self, model: Model, samples: SampleSet, settings: Dict[str, Any]) -> CalibrationStats:
-        proto, names, sizes = _prepare(model)
+        proto, names, sizes = _prepare(model, weights_as_inputs=True)
         session = _session(proto, self.threads)
-        del proto  # onnxruntime has its own copy of the weights now
+        del proto
+        weights = _weight_feeds(model, session)
         observers = {n: TensorObserver(self.bins, self.momentum, self.mask_threshold) for n in names}
         limit = self.num_samples or None
         total = samples.count if limit is None else (limit if samples.count is None else min(limit, samples.count))
@@ -151,7 +152,7 @@ class Calibrate(Pass):
             for batch in samples.batches(next_size, limit):
                 measured: Dict[str, int] = {}
                 for group in groups:
-                    outs = session.run(group, batch)
+                    outs = session.run(group, {**batch, **weights})
                     for i, name in enumerate(group):
                         arr, outs[i] = outs[i], None  # free each activation once observed
                         measured[name] = arr.nbytes // batch.samples
@@ -207,9 +208,14 @@ def calibration_proto(model: Model):
     return proto, names
 
 
-def _prepare(model: Model):
-    """calibration_proto plus the per-sample bytes of each activation (None if unknown)."""
-    proto = to_proto(model)
+_WEIGHTS_AS_INPUTS_OVER = 16384  # elements
+
+
+def _prepare(model: Model, weights_as_inputs: bool = False):
+    """calibration_proto plus the per-sample bytes of each activation (None if unknown).
+    With `weights_as_inputs`, large weights are graph inputs without data, to be fed
+    from the IR's own arrays (see _weight_feeds)."""
+    proto = to_proto(model, weights_as_inputs_over=_WEIGHTS_AS_INPUTS_OVER if weights_as_inputs else None)
     if model.path and any(onnx.external_data_helper.uses_external_data(t) for t in proto.graph.initializer):
         onnx.external_data_helper.load_external_data_for_model(proto, os.path.dirname(os.path.abspath(model.path)))
     g = model.graph
@@ -269,6 +275,15 @@ def _groups(names: List[str], sizes: Dict[str, int], budget: int) -> List[List[s
         groups[-1].append(n)
         used += size
     return groups
+
+
+def _weight_feeds(model: Model, session) -> Dict[str, np.ndarray]:
+    """The weights the session takes as inputs, as the IR's own arrays: onnxruntime
+    reads contiguous numpy inputs in place, so the weights exist once in memory instead
+    of also as a serialised model and as onnxruntime's parse of it."""
+    inits = model.graph.initializers
+    return {i.name: np.ascontiguousarray(inits[i.name].const_value)
+            for i in session.get_inputs() if i.name in inits}
 
 
 def _session(proto: onnx.ModelProto, threads: int):

@@ -55,8 +55,8 @@ def infer_shapes(model: Model) -> int:
     it had.
     """
     symbols = _symbols(model)
-    proto = to_proto(model)
-    _prepare(proto)
+    proto = to_proto(model, weights_as_inputs_over=_DATA_LIMIT)
+    _import_missing_domains(proto)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # onnx raises InferenceError, ValidationError, ValueError, ...
@@ -71,23 +71,13 @@ def infer_shapes(model: Model) -> int:
     return changed
 
 
-def _prepare(proto: onnx.ModelProto) -> None:
-    """Turn large main-graph initializers into typed inputs and import missing domains."""
-    gp = proto.graph
-    inputs = {vi.name for vi in gp.input}
-    keep = []
-    for t in gp.initializer:
-        if int(np.prod(t.dims, dtype=np.int64)) <= _DATA_LIMIT:
-            keep.append(t)
-        elif t.name not in inputs:
-            gp.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    if len(keep) != len(gp.initializer):
-        del gp.initializer[:]
-        gp.initializer.extend(keep)
+def _import_missing_domains(proto: onnx.ModelProto) -> None:
+    """Import the custom domains nodes use without an opset import (else onnx rejects
+    the whole model)."""
     imported = {op.domain for op in proto.opset_import}
     if "ai.onnx" in imported:
         imported.add("")
-    for domain in sorted({n.domain for g in _graph_protos(gp) for n in g.node} - imported):
+    for domain in sorted({n.domain for g in _graph_protos(proto.graph) for n in g.node} - imported):
         proto.opset_import.append(onnx.helper.make_opsetid(domain, 1))
 
 

@@ -13,6 +13,7 @@ import os
 import shutil
 from typing import Dict, Optional, Set
 
+import numpy as np
 import onnx
 from onnx import external_data_helper
 
@@ -31,13 +32,17 @@ __all__ = ["to_proto", "save", "type_to_proto"]
 AttrType = onnx.AttributeProto  # its AttributeType values as class attributes: plain ints, fast to read
 
 
-def to_proto(model: Model) -> onnx.ModelProto:
+def to_proto(model: Model, weights_as_inputs_over: Optional[int] = None) -> onnx.ModelProto:
     """The ModelProto of `model`. External initializers keep their external reference
-    (relative to the folder the model was loaded from): write files with `save`."""
-    return _to_proto(model, {})
+    (relative to the folder the model was loaded from): write files with `save`.
+
+    With `weights_as_inputs_over=N`, main-graph initializers of more than N elements are
+    written as typed graph inputs without their data: a light model for shape inference,
+    or for running with the weights fed from the IR's own arrays (no copy is made)."""
+    return _to_proto(model, {}, weights_as_inputs_over)
 
 
-def _to_proto(model: Model, external: Dict[str, str]) -> onnx.ModelProto:
+def _to_proto(model: Model, external: Dict[str, str], inputs_over: Optional[int] = None) -> onnx.ModelProto:
     """to_proto, also filling `external` with {location: file it is read from now} for
     every external-data file the model's tensors refer to."""
     mp = onnx.ModelProto()
@@ -57,7 +62,7 @@ def _to_proto(model: Model, external: Dict[str, str]) -> onnx.ModelProto:
     if model.doc_string:
         mp.doc_string = model.doc_string
     _set_props(mp.metadata_props, model.metadata_props)
-    _export_graph(model.graph, mp.graph, external)
+    _export_graph(model.graph, mp.graph, external, inputs_over)
     mp.functions.extend(model.functions)
     mp.training_info.extend(model.training_info)
     mp.configuration.extend(model.configuration)
@@ -114,9 +119,10 @@ def save(model: Model, path: str) -> None:
 
 
 # -- graphs --------------------------------------------------------------------------
-def _export_graph(g: Graph, gp: onnx.GraphProto, external: Dict[str, str]) -> None:
+def _export_graph(g: Graph, gp: onnx.GraphProto, external: Dict[str, str], inputs_over: Optional[int] = None) -> None:
     """Fill the empty GraphProto `gp` from `g` (in place, so nothing is copied twice),
-    noting external-data files in `external`."""
+    noting external-data files in `external`; initializers of more than `inputs_over`
+    elements become typed inputs without data."""
     gp.name = g.name
     if g.doc_string:
         gp.doc_string = g.doc_string
@@ -124,6 +130,10 @@ def _export_graph(g: Graph, gp: onnx.GraphProto, external: Dict[str, str]) -> No
     for v in g.inputs:
         gp.input.append(_value_info(v))
     for name, v in g.initializers.items():
+        if inputs_over is not None and _numel(v.const.shape) > inputs_over:
+            if not v.is_graph_input:
+                gp.input.append(onnx.helper.make_tensor_value_info(name, v.const.dtype.onnx_type, list(v.const.shape)))
+            continue
         gp.initializer.append(_tensor(v.const, name, external))
     for _, sp in g.sparse_initializers.values():
         gp.sparse_initializer.append(sp)
@@ -195,6 +205,10 @@ def _unchanged(kept: KeptInfo) -> bool:
     the same name with the type it had after import."""
     v = kept.value
     return v is not None and v.owning_graph() is not None and v.name == kept.proto.name and v.type == kept.type
+
+
+def _numel(shape) -> int:
+    return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
 
 
 def _value_info(v: Value) -> onnx.ValueInfoProto:
