@@ -419,3 +419,27 @@ def test_upgrade_opset_makes_old_models_runnable(case):
     for want, got in zip(expected, run_model(upgraded, inputs)):
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5, equal_nan=True)
 
+
+
+def test_weights_as_inputs_export_drops_large_data_only():
+    """to_proto(weights_as_inputs_over=N): big initializers become typed inputs, small
+    ones (shapes, scalars) stay data; feeding the weights back gives the same outputs."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    shape = np.array([2, 32], np.int64)
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["xr"]), helper.make_node("MatMul", ["xr", "w"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
+        [numpy_helper.from_array(w.T.copy(), "w"), numpy_helper.from_array(shape, "shape")])
+    model = from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    light = to_proto(model, weights_as_inputs_over=100)
+    assert [t.name for t in light.graph.initializer] == ["shape"]
+    assert [i.name for i in light.graph.input] == ["x", "w"]
+    assert [d.dim_value for d in light.graph.input[1].type.tensor_type.shape.dim] == [32, 64]
+    x = rng.standard_normal(64).astype(np.float32)
+    full = ort.InferenceSession(to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    fed = ort.InferenceSession(light.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.array_equal(full.run(None, {"x": x})[0], fed.run(None, {"x": x, "w": w.T.copy()})[0])
