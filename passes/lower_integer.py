@@ -275,7 +275,7 @@ def _act(v: Optional[Value]) -> Optional[_Act]:
 def _const_dq(v: Optional[Value]):
     """(int weight, scale, zero point, axis) of a DQ of a constant integer tensor."""
     parts = _dq_parts(v)
-    if parts is None or parts[0].const_value is None or len(v.uses) != 1:
+    if parts is None or parts[0].const_value is None:
         return None
     return parts
 
