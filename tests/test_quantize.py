@@ -169,3 +169,29 @@ def test_config_file_sets_options_and_the_pipeline_wins(tmp_path):
     js.write_text('{"weights": "int9"}')
     with pytest.raises(PassFailedError, match=r"q.json: setting 'weights': expected str, one of int8"):
         quantized(f"config={js}")
+
+
+def _output_sqnr(model):
+    data = np.load(EVAL)
+    x = data["input"].reshape(-1, 1, 8, 8)
+    ref = ort.InferenceSession(MODEL, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    sess = ort.InferenceSession(to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"input": x})[0]
+    return 10 * np.log10(np.square(ref).sum() / np.square(out - ref).sum())
+
+
+def test_int16_activations_for_sensitive_tensors():
+    int8 = quantized()
+    wide = quantized("activations=int16")
+    ops = {(n.domain, n.op_type) for n in wide.graph.nodes}
+    assert ("com.microsoft", "QuantizeLinear") in ops and ("", "QuantizeLinear") not in ops
+    assert _output_sqnr(wide) > _output_sqnr(int8) + 3  # weights stay int8, so not +48 dB
+    assert accuracy(wide) >= accuracy(int8)
+    # the budget picks tensors by their estimated int8 SQNR
+    none = quantized("min_activation_sqnr=1")
+    assert not any(n.domain == "com.microsoft" for n in none.graph.nodes)
+    every = quantized("min_activation_sqnr=200")
+    reasons = [d["reason"] for d in every.annotations["quantization_decisions"] if "tensor" in d]
+    assert len(reasons) == 6 and all("estimated int8 SQNR" in r for r in reasons)
+    from qcompile.analysis import summarize
+    assert {r["type"] for r in summarize(every).quantized if r["role"] == "activation"} == {"i16"}

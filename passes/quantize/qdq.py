@@ -14,7 +14,12 @@ What it rewrites, for every Conv, Gemm and MatMul whose weight is a constant:
      calibration range: asymmetric int8, 0.0 exactly representable. When the output's
      only reader is a Relu (or Clip), the pair goes after that activation instead, as a
      fused activation would be quantized.
-  4. Inputs and outputs of the data-movement and elementwise ops between them (Add, Mul,
+  4. Activations are int8 by default; `activations=int16` widens them all, and
+     `min_activation_sqnr=DB` only the sensitive ones: a tensor whose int8 SQNR,
+     estimated from its calibration histogram (signal power against step^2/12 plus the
+     clipped mass), is under DB decibels gets int16 (com.microsoft QuantizeLinear /
+     DequantizeLinear, which onnxruntime runs at opset 13+), and the decision is listed.
+  4b. Inputs and outputs of the data-movement and elementwise ops between them (Add, Mul,
      Concat, pooling, Flatten, Reshape, Transpose, Relu) get Q->DQ pairs too, so the
      integer graph needs no float tensors between quantized ops.
 Per layer:
@@ -45,7 +50,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from qcompile.errors import QCompileError
-from qcompile.ir import INT8, INT32, Graph, Model, Node, QuantParams, Tensor, TensorType, Value
+from qcompile.ir import INT8, INT16, INT32, Graph, Model, Node, QuantParams, Tensor, TensorType, Value
 from qcompile.onnx_io import to_proto, upgrade_opset
 from qcompile.passmanager import Pass, PassResult, option, register_pass
 
@@ -58,6 +63,7 @@ _FLOW = {"Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", 
          "Relu"}
 _FUSED = {"Relu", "Clip"}
 BITS_KEY = "qcompile.weight_bits"
+_WIDE_DOMAIN = "com.microsoft"  # QuantizeLinear/DequantizeLinear with int16 below opset 21 (onnxruntime's)
 log = logging.getLogger(__name__)
 
 
@@ -77,6 +83,10 @@ class Quantize(Pass):
                                  "expression over node names, TYPE a weight type or 'float'")
     min_weight_sqnr: float = option(0.0, "precision fallback: a layer whose weight SQNR (dB) falls below this "
                                          "at the chosen type is kept at int8, or float if int8 falls short too")
+    activations: str = option("int8", "activation type (int16 quantizes through com.microsoft QDQ ops)",
+                              choices=("int8", "int16"))
+    min_activation_sqnr: float = option(0.0, "sensitive tensors: an activation whose int8 SQNR, estimated from its "
+                                             "calibration histogram, falls below this many dB gets int16")
     config: str = option("", "a .json or .toml file with these options (overrides as a table PATTERN = TYPE); "
                              "options given in the pipeline win")
 
@@ -94,7 +104,7 @@ class Quantize(Pass):
             model = upgrade_opset(model, 13)
         model.annotations["float_model"] = to_proto(model)
         plan = _LayerPlan(self)
-        q = _Inserter(model.graph, model.annotations["calibration"])
+        q = _Inserter(model.graph, model.annotations["calibration"], self.activations, self.min_activation_sqnr)
         bits: Dict[str, str] = {}
         decisions: List[dict] = []
         for node in model.graph.nodes:
@@ -124,6 +134,11 @@ class Quantize(Pass):
             model.metadata_props[BITS_KEY] = json.dumps(bits, sort_keys=True)
         model.annotations["quantization_decisions"] = decisions
         self.stats["activation tensors quantized"] += len(q.done) // 2
+        if q.wide:
+            model.opset_imports.setdefault(_WIDE_DOMAIN, 1)
+            self.stats["activation tensors at int16"] += len(q.wide)
+            for name, why in q.wide.items():
+                decisions.append({"tensor": name, "reason": why, "kept_at": "i16"})
         model.graph.sort()
         return PassResult(model, modified=bool(q.done or bits))
 
@@ -273,9 +288,12 @@ def _fused_away(v: Optional[Value]) -> bool:
 class _Inserter:
     """Inserts Q->DQ pairs and quantized weights into one graph."""
 
-    def __init__(self, graph: Graph, stats):
+    def __init__(self, graph: Graph, stats, activations: str = "int8", min_sqnr: float = 0.0):
         self.graph = graph
         self.stats = stats
+        self.activations = activations
+        self.min_sqnr = min_sqnr
+        self.wide: Dict[str, str] = {}  # tensors given int16, and why
         self.done: Dict[int, Tuple[float, Value]] = {}  # id(float value) -> (scale, DQ output)
         self.nonfinite = set(stats.nonfinite())
         self.weights: Dict[tuple, tuple] = {}  # (id(float weight), format) -> (params, DQ output, name)
@@ -294,13 +312,18 @@ class _Inserter:
             return None
         if rng is None or v.name in self.nonfinite:
             return None  # no range, or a mask: -inf fills cannot be quantized, keep it float
-        scale, zp = _activation_params(*rng)
+        dtype, domain = INT8, ""
+        why = self._why_wide(v.name, rng)
+        if why:
+            dtype, domain = INT16, _WIDE_DOMAIN
+            self.wide[v.name] = why
+        scale, zp = _activation_params(*rng, dtype)
         g = self.graph
         s_v = g.make_constant(np.float32(scale), v.name + "_scale")
-        z_v = g.make_constant(np.int8(zp), v.name + "_zero_point")
+        z_v = g.make_constant(np.asarray(zp, dtype.numpy_dtype), v.name + "_zero_point")
         readers = v.uses
-        quant = Node("QuantizeLinear", [v, s_v, z_v], name=v.name + "_Q")
-        deq = Node("DequantizeLinear", [None, s_v, z_v], name=v.name + "_DQ")
+        quant = Node("QuantizeLinear", [v, s_v, z_v], name=v.name + "_Q", domain=domain)
+        deq = Node("DequantizeLinear", [None, s_v, z_v], name=v.name + "_DQ", domain=domain)
         if v.producer is not None and v.producer.graph is g:
             g.insert_after(v.producer, quant)
         else:
@@ -308,7 +331,7 @@ class _Inserter:
         g.insert_after(quant, deq)
         deq.set_input(0, quant.output)
         shape = v.type.shape
-        quant.output.type = TensorType(INT8, shape, QuantParams(np.float32(scale), np.int64(zp)))
+        quant.output.type = TensorType(dtype, shape, QuantParams(np.float32(scale), np.int64(zp)))
         deq.output.type = TensorType(v.type.dtype, shape)
         for node, i in readers:
             node.set_input(i, deq.output)
@@ -319,6 +342,17 @@ class _Inserter:
             g.replace_output(v, deq.output)
         self.done[id(v)] = self.done[id(deq.output)] = (scale, deq.output)
         return scale
+
+    def _why_wide(self, name: str, rng: Tuple[float, float]) -> str:
+        """Why tensor `name` gets int16 ('' when int8 will do)."""
+        if self.activations == "int16":
+            return "activations=int16"
+        if self.min_sqnr <= 0:
+            return ""
+        sqnr = _int8_sqnr(self.stats.tensors[name], rng)
+        if sqnr < self.min_sqnr:
+            return f"estimated int8 SQNR {sqnr:.1f} dB < {self.min_sqnr:g} dB"
+        return ""
 
     def weighted(self, node: Node, fmt: WeightFormat) -> Optional[str]:
         """Quantize a Conv/Gemm/MatMul: activation in, weight, bias, output."""
@@ -374,11 +408,31 @@ class _Inserter:
         return self.weights[key]
 
 
-def _activation_params(lo: float, hi: float) -> Tuple[float, int]:
-    """Asymmetric int8 scale and zero point for [lo, hi] widened to include 0."""
+def _activation_params(lo: float, hi: float, dtype=INT8) -> Tuple[float, int]:
+    """Asymmetric scale and zero point of `dtype` for [lo, hi] widened to include 0."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    scale = (hi - lo) / 255.0
+    scale = (hi - lo) / (dtype.max - dtype.min)
     if not np.isfinite(scale) or scale <= 0:
         return 1.0, 0
-    zp = int(np.clip(np.rint(-128 - lo / scale), -128, 127))
+    zp = int(np.clip(np.rint(dtype.min - lo / scale), dtype.min, dtype.max))
     return float(np.float32(scale)), zp
+
+
+def _int8_sqnr(tensor_stats, rng: Tuple[float, float]) -> float:
+    """Estimated SQNR (dB) of int8 quantization over [lo, hi] for a calibrated tensor:
+    signal power from its histogram, noise step^2 / 12 inside the range plus the
+    squared clipping error of the histogram mass outside it."""
+    hist = tensor_stats.hist
+    if hist is None or hist.counts.sum() == 0:
+        return float("inf")
+    edges = hist.edges
+    centers = (edges[:-1] + edges[1:]) / 2
+    p = hist.counts / hist.counts.sum()
+    power = float((p * centers ** 2).sum())
+    lo, hi = min(rng[0], 0.0), max(rng[1], 0.0)
+    step = (hi - lo) / 255.0
+    clipped = np.clip(centers, lo, hi)
+    noise = step ** 2 / 12 + float((p * (centers - clipped) ** 2).sum())
+    if noise <= 0:
+        return float("inf")
+    return 10.0 * np.log10(max(power, 1e-30) / noise)

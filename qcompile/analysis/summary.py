@@ -151,7 +151,7 @@ def _quantized_tensors(model: Model) -> List[Dict[str, object]]:
         true_types = {}
     rows = []
     for n in model.graph.nodes:
-        if n.op_type != "DequantizeLinear" or n.domain not in ("", "ai.onnx"):
+        if n.op_type != "DequantizeLinear" or n.domain not in ("", "ai.onnx", "com.microsoft"):
             continue
         q = n.inputs[0]
         scale = n.inputs[1].const_value if n.inputs[1] is not None else None
