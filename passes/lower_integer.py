@@ -99,6 +99,10 @@ class LowerInteger(Pass):
         op = node.op_type
         x = _act(node.inputs[0])
         w = _const_dq(node.inputs[1] if len(node.inputs) > 1 else None)
+        if op == "MatMul" and x is not None and w is None:
+            b = _act(node.inputs[1])
+            if b is not None:
+                return self._activation_matmul(g, node, x, b)
         if x is None or w is None:
             raise _Skip("inputs are not dequantized integers")
         out = _out(g, node)
@@ -142,6 +146,18 @@ class LowerInteger(Pass):
         attrs.update(x_zero_point=x.zp, out_zero_point=out.zp, out_min=out.lo, out_max=out.hi)
         name = {"Conv": QCONV, "Gemm": QGEMM, "MatMul": QMATMUL}[op]
         return _replace(g, node, out, Node(name, inputs, attrs, domain=DOMAIN, name=node.name))
+
+    def _activation_matmul(self, g: Graph, node: Node, a: "_Act", b: "_Act") -> Node:
+        """MatMul of two quantized activations (attention's Q.K^T and P.V): QMatMul with
+        a per-tensor multiplier and b's zero point."""
+        out = _out(g, node)
+        m, s = _multiplier(np.array([np.float64(a.scale) * b.scale / out.scale]))
+        inputs: List[Optional[Value]] = [a.q, b.q, g.make_constant(m.astype(np.int32), node.name + "_multiplier"),
+                                         g.make_constant(s.astype(np.int8), node.name + "_shift")]
+        if b.zp != 0:
+            inputs.append(g.make_constant(np.array([b.zp], np.int32), node.name + "_w_zero_point"))
+        attrs = dict(x_zero_point=a.zp, out_zero_point=out.zp, out_min=out.lo, out_max=out.hi)
+        return _replace(g, node, out, Node(QMATMUL, inputs, attrs, domain=DOMAIN, name=node.name))
 
     def _binary(self, g: Graph, node: Node) -> Optional[Node]:
         a, b = (_act(v) for v in node.inputs[:2])

@@ -166,6 +166,15 @@ def test_qmatmul_3d_within_one_lsb():
     _compare("QMatMul", b.finish("mm"), b.feeds, ["QMatMul"])
 
 
+def test_qmatmul_of_two_activations_within_one_lsb():
+    """Attention's batched Q.K^T: both operands quantized activations."""
+    b = _Builder(np.random.default_rng(4))
+    q, _ = b.act_input("q", [2, 4, 9, 16])
+    k, _ = b.act_input("k", [2, 4, 16, 9])
+    b.nodes.append(helper.make_node("MatMul", [q, k], ["mm"]))
+    _compare("QMatMul", b.finish("mm"), b.feeds, ["QMatMul"])
+
+
 @pytest.mark.parametrize("op,act", [("Add", None), ("Add", "Relu"), ("Mul", None)])
 def test_qadd_qmul_within_one_lsb(op, act):
     b = _Builder(np.random.default_rng(len(op) + (act is None)))

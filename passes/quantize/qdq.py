@@ -19,7 +19,9 @@ What it rewrites, for every Conv, Gemm and MatMul whose weight is a constant:
      estimated from its calibration histogram (signal power against step^2/12 plus the
      clipped mass), is under DB decibels gets int16 (com.microsoft QuantizeLinear /
      DequantizeLinear, which onnxruntime runs at opset 13+), and the decision is listed.
-  4b. Inputs and outputs of the data-movement and elementwise ops between them (Add, Mul,
+  4b. A MatMul of two activations (attention's Q.K^T and P.V) gets Q->DQ pairs on both
+     inputs and its output.
+  4c. Inputs and outputs of the data-movement and elementwise ops between them (Add, Mul,
      Concat, pooling, Flatten, Reshape, Transpose, Relu) get Q->DQ pairs too, so the
      integer graph needs no float tensors between quantized ops.
 Per layer:
@@ -125,7 +127,7 @@ class Quantize(Pass):
                 if name is not None:
                     bits[name] = str(fmt.dtype)
                     self.stats[f"{node.op_type} quantized"] += 1
-            elif node.op_type in _FLOW:
+            elif node.op_type == "MatMul" or node.op_type in _FLOW:  # MatMul: two activations
                 for v in node.inputs:
                     if not _fused_away(v):
                         q.activation(v)
