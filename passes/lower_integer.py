@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from qcompile.ir import INT32, INT64, Graph, Model, Node, QuantParams, TensorType, Value
+from qcompile.ir import Graph, Model, Node, QuantParams, TensorType, Value
 from qcompile.passmanager import Pass, PassResult, register_pass
 from qcompile.quant_math import (
     DEQUANTIZE, DOMAIN, QADD, QAVERAGEPOOL, QCONV, QGEMM, QMATMUL, QMUL, QUANTIZE, REQUANTIZE,

@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 from . import __version__
 from ._fileio import atomic_write
 from .errors import QCompileError
-from .ir import VerificationError, verify
+from .ir import verify
 from .onnx_io import load, save
 
 __all__ = ["main"]

@@ -1,9 +1,8 @@
 """The pattern rewriter (qcompile.rewrite): patterns, rules, rule sets and the driver,
 on tiny hand-built graphs, with onnxruntime checking that rewrites keep the numbers."""
 import numpy as np
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 import qcompile
 from qcompile.ir import Graph, Node, print_graph

@@ -52,7 +52,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from qcompile.errors import QCompileError
-from qcompile.ir import INT8, INT16, INT32, Graph, Model, Node, QuantParams, Tensor, TensorType, Value
+from qcompile.ir import INT8, INT16, Graph, Model, Node, QuantParams, TensorType, Value
 from qcompile.onnx_io import to_proto, upgrade_opset
 from qcompile.passmanager import Pass, PassResult, option, register_pass
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-from qcompile.ir import TensorType, Value
+from qcompile.ir import Node, TensorType, Value
 from qcompile.rewrite import Failure, constant_value, fail
 
-__all__ = ["is_graph_output", "only_user", "rank"]
+__all__ = ["bn_inference_failure", "is_graph_output", "only_user", "rank"]
 
 
 def is_graph_output(value: Value) -> bool:
@@ -33,3 +33,20 @@ def rank(value: Value) -> Optional[int]:
     if data is not None:
         return data.ndim
     return value.type.rank if isinstance(value.type, TensorType) else None
+
+
+def bn_inference_failure(bn: Node, opset: Optional[int]) -> Optional[Failure]:
+    """Why BatchNormalization `bn` is not a per-channel inference-mode normalisation that
+    a fold may absorb (running statistics used, training_mode=1, an opset 1-6 node
+    without is_test=1, spatial=0); None when it is."""
+    for stat in bn.outputs[1:]:
+        if stat.uses or is_graph_output(stat):
+            return fail(f"BatchNormalization output %{stat.name} (running statistics) is used: training mode",
+                        bn, stat)
+    if bn.attr("training_mode", 0):
+        return fail("BatchNormalization has training_mode=1", bn)
+    if ("is_test" in bn.attributes or (opset is not None and opset < 7)) and not bn.attr("is_test", 0):
+        return fail("an opset 1-6 BatchNormalization without is_test=1 runs in training mode", bn)
+    if bn.attr("spatial", 1) != 1:
+        return fail("per-activation BatchNormalization (spatial=0) is not folded", bn)
+    return None

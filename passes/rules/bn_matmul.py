@@ -38,7 +38,7 @@ import numpy as np
 from qcompile.ir import Graph, Node, Value
 from qcompile.rewrite import Const, Failure, Match, Op, Rule, RuleSet, Var, constant_value, fail
 
-from ._util import is_graph_output, only_user, rank
+from ._util import bn_inference_failure, only_user, rank
 
 __all__ = ["BN_MATMUL", "FOLD_GEMM_BN", "FOLD_MATMUL_BN"]
 
@@ -51,16 +51,9 @@ MATMUL_PATTERN = Op("BatchNormalization", Op("MatMul", Var("a"), Const("b"), nam
 def _check_bn(m: Match, channels: int) -> Union[bool, Failure]:
     """BatchNormalization in inference mode, per channel, parameters float[channels]."""
     bn: Node = m["bn"]
-    for stat in bn.outputs[1:]:
-        if stat.uses or is_graph_output(stat):
-            return fail(f"BatchNormalization output %{stat.name} (running statistics) is used: training mode",
-                        bn, stat)
-    if bn.attr("training_mode", 0):
-        return fail("BatchNormalization has training_mode=1", bn)
-    if ("is_test" in bn.attributes or (m.opset is not None and m.opset < 7)) and not bn.attr("is_test", 0):
-        return fail("an opset 1-6 BatchNormalization without is_test=1 runs in training mode", bn)
-    if bn.attr("spatial", 1) != 1:
-        return fail("per-activation BatchNormalization (spatial=0) is not folded", bn)
+    not_inference = bn_inference_failure(bn, m.opset)
+    if not_inference is not None:
+        return not_inference
     for name in ("gamma", "beta", "mean", "var"):
         data = m.const(name)
         if data.shape != (channels,) or data.dtype.kind != "f":

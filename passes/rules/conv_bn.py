@@ -33,7 +33,7 @@ import numpy as np
 from qcompile.ir import Graph, Node, Value
 from qcompile.rewrite import Const, Failure, Match, Op, Rule, RuleSet, Var, constant_value, fail
 
-from ._util import is_graph_output, only_user
+from ._util import bn_inference_failure, only_user
 
 __all__ = ["CONV_BN", "FOLD_CONV_BN"]
 
@@ -52,16 +52,9 @@ def _conv_bias(conv: Node) -> Optional[Value]:
 def _check(m: Match) -> Union[bool, Failure]:
     bn: Node = m["bn"]
     conv: Node = m["conv"]
-    for stat in bn.outputs[1:]:
-        if stat.uses or is_graph_output(stat):
-            return fail(f"BatchNormalization output %{stat.name} (running statistics) is used: training mode",
-                        bn, stat)
-    if bn.attr("training_mode", 0):
-        return fail("BatchNormalization has training_mode=1", bn)
-    if ("is_test" in bn.attributes or (m.opset is not None and m.opset < 7)) and not bn.attr("is_test", 0):
-        return fail("an opset 1-6 BatchNormalization without is_test=1 runs in training mode", bn)
-    if bn.attr("spatial", 1) != 1:
-        return fail("per-activation BatchNormalization (spatial=0) is not folded", bn)
+    not_inference = bn_inference_failure(bn, m.opset)
+    if not_inference is not None:
+        return not_inference
     bias = _conv_bias(conv)
     if bias is not None and constant_value(bias) is None:
         return fail(f"the Conv bias %{bias.name} is not a constant", conv, bias)

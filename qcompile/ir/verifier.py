@@ -6,7 +6,7 @@ returns the list of problems; `check` raises VerificationError listing them all.
 from __future__ import annotations
 
 import collections
-from typing import Dict, List, MutableMapping, Optional, Set
+from typing import Dict, List, MutableMapping, Set
 
 from .graph import Graph
 from .model import Model
