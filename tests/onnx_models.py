@@ -32,3 +32,42 @@ def run_ort(proto, feeds):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+
+def light_as_constants(proto):
+    """An onnx 'light' model with its initializers no longer graph inputs (IR 3 required
+    them there, which makes them overridable, so not constants)."""
+    names = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in names]
+    del proto.graph.input[:]
+    proto.graph.input.extend(inputs)
+    proto.ir_version = 8
+    return proto
+
+
+def light_random_weights(proto, seed=0):
+    """An onnx 'light' model with seeded random weights in place of its all-zero
+    ConstantOfShape generators (so outputs are not degenerate), as constants."""
+    rng = np.random.default_rng(seed)
+    shapes = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    readers = {}
+    for n in proto.graph.node:
+        for k, name in enumerate(n.input):
+            readers.setdefault(name, (n.op_type, k))
+    nodes = []
+    for n in proto.graph.node:
+        if n.op_type != "ConstantOfShape":
+            nodes.append(n)
+            continue
+        shape = tuple(int(d) for d in shapes[n.input[0]])
+        op, k = readers[n.output[0]]
+        if op == "BatchNormalization" and k in (1, 4):
+            data = rng.uniform(0.5, 1.5, shape)
+        elif op in ("BatchNormalization", "Mul", "Add"):
+            data = rng.normal(0, 0.2, shape) + (1.0 if op == "Mul" else 0.0)
+        else:
+            data = rng.normal(0, np.sqrt(1 / max(1, int(np.prod(shape[1:])))), shape)
+        proto.graph.initializer.append(numpy_helper.from_array(data.astype(np.float32), n.output[0]))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return light_as_constants(proto)

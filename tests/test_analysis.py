@@ -79,21 +79,8 @@ def test_torch_cnn_macs_match_module_layers():
         torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8), torch.nn.ReLU(),
         torch.nn.Conv2d(8, 16, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10),
     ).eval()
-    expected = 0
-
-    def hook(module, inputs, output):
-        nonlocal expected
-        if isinstance(module, torch.nn.Conv2d):
-            k = module.kernel_size[0] * module.kernel_size[1]
-            expected += output.numel() * (module.in_channels // module.groups) * k
-        elif isinstance(module, torch.nn.Linear):
-            expected += output.numel() * module.in_features
-
-    handles = [m.register_forward_hook(hook) for m in net]
     x = torch.randn(1, 3, 16, 16)
-    net(x)
-    for h in handles:  # the exporter runs forward again
-        h.remove()
+    expected = _layer_macs(torch, net, x)
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -23,7 +23,7 @@ from qcompile.passes.rules import BN_MATMUL, FOLD, NOOP
 from qcompile.passmanager import PassManager, get_pass
 from qcompile.rewrite import apply_rules
 
-from onnx_models import F, build, run_ort
+from onnx_models import F, build, light_as_constants, light_random_weights, run_ort
 
 
 def random_feeds(proto, seed=0):
@@ -284,46 +284,6 @@ LIGHT = sorted(glob.glob(os.path.join(LIGHT_DIR, "light_*.onnx")))
 needs_light = pytest.mark.skipif(not LIGHT, reason="the onnx package ships without its test models")
 
 
-def as_constants(proto):
-    """The light model with its initializers no longer graph inputs (IR 3 required them
-    there, which makes them overridable, so not constants): the ConstantOfShape weight
-    generators become foldable."""
-    names = {t.name for t in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in names]
-    del proto.graph.input[:]
-    proto.graph.input.extend(inputs)
-    proto.ir_version = 8
-    return proto
-
-
-def random_weights(proto, seed=0):
-    """The light model with seeded random weights in place of its all-zero
-    ConstantOfShape generators (so outputs are not degenerate)."""
-    rng = np.random.default_rng(seed)
-    shapes = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    readers = {}
-    for n in proto.graph.node:
-        for k, name in enumerate(n.input):
-            readers.setdefault(name, (n.op_type, k))
-    nodes = []
-    for n in proto.graph.node:
-        if n.op_type != "ConstantOfShape":
-            nodes.append(n)
-            continue
-        shape = tuple(int(d) for d in shapes[n.input[0]])
-        op, k = readers[n.output[0]]
-        if op == "BatchNormalization" and k in (1, 4):
-            data = rng.uniform(0.5, 1.5, shape)
-        elif op in ("BatchNormalization", "Mul", "Add"):
-            data = rng.normal(0, 0.2, shape) + (1.0 if op == "Mul" else 0.0)
-        else:
-            data = rng.normal(0, np.sqrt(1 / max(1, int(np.prod(shape[1:])))), shape)
-        proto.graph.initializer.append(numpy_helper.from_array(data.astype(np.float32), n.output[0]))
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
-    return as_constants(proto)
-
-
 def light_id(path):
     return os.path.basename(path)[len("light_"):-len(".onnx")]
 
@@ -333,7 +293,7 @@ def light_id(path):
 def test_light_model_folds(path):
     """Every light model: weights folded from ConstantOfShape (the big fully connected
     ones stay symbolic under fold_limit_bytes), outputs unchanged."""
-    proto = as_constants(onnx.load(path))
+    proto = light_as_constants(onnx.load(path))
     model, stats, modified = fold(proto)
     print(light_id(path), dict(stats))
     assert modified and stats["nodes after"] < stats["nodes before"]
@@ -344,7 +304,7 @@ def test_light_model_folds(path):
 @needs_light
 @pytest.mark.parametrize("name", ["squeezenet", "shufflenet", "inception_v2"])
 def test_light_model_with_random_weights_folds(name):
-    proto = random_weights(onnx.load(os.path.join(LIGHT_DIR, f"light_{name}.onnx")))
+    proto = light_random_weights(onnx.load(os.path.join(LIGHT_DIR, f"light_{name}.onnx")))
     model, stats, _ = fold(proto)
     print(name, dict(stats))
     assert "BatchNormalization" not in ops(model.graph)

@@ -18,7 +18,7 @@ from qcompile.passes.rules import CANONICALIZE, CONV_BN, IDENTITY, MATMUL_ADD
 from qcompile.passmanager import PassManager, get_pass
 from qcompile.rewrite import apply_rules
 
-from onnx_models import F, build, run_ort
+from onnx_models import F, build, light_random_weights, run_ort
 FOLD_TOL = dict(rtol=1e-5, atol=1e-6)
 
 
@@ -384,35 +384,13 @@ LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", 
 
 
 def deployable(proto, seed=0):
-    """The onnx package's 'light' model with seeded random weights in place of its
-    ConstantOfShape generators, weights no longer overridable inputs, logits as output."""
-    rng = np.random.default_rng(seed)
-    shapes = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    readers = {}
-    for n in proto.graph.node:
-        for k, name in enumerate(n.input):
-            readers.setdefault(name, (n.op_type, k))
-    nodes = []
-    for n in proto.graph.node:
-        if n.op_type == "ConstantOfShape":
-            shape = tuple(int(d) for d in shapes[n.input[0]])
-            op, k = readers[n.output[0]]
-            if op == "BatchNormalization":
-                data = rng.uniform(0.5, 1.5, shape) if k in (1, 4) else rng.normal(0, 0.2, shape)
-            else:
-                data = rng.normal(0, np.sqrt(1 / max(1, int(np.prod(shape[1:])))), shape)
-            proto.graph.initializer.append(numpy_helper.from_array(data.astype(np.float32), n.output[0]))
-        elif n.op_type == "Softmax":
-            logits = n.input[0]
-        else:
-            nodes.append(n)
-    constants = {t.name for t in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in constants]
-    del proto.graph.node[:], proto.graph.input[:], proto.graph.output[:]
-    proto.graph.node.extend(nodes)
-    proto.graph.input.extend(inputs)
+    """The onnx package's 'light' model with seeded random constant weights and its
+    logits (the Softmax input) as output."""
+    proto = light_random_weights(proto, seed)
+    index = next(i for i, n in enumerate(proto.graph.node) if n.op_type == "Softmax")
+    logits = proto.graph.node[index].input[0]
+    del proto.graph.node[index], proto.graph.output[:]
     proto.graph.output.append(helper.make_tensor_value_info(logits, F, None))
-    proto.ir_version = 8
     return proto
 
 
