@@ -29,6 +29,9 @@ EXTENSIONS = [
 setup(
     packages=list(PACKAGES),
     package_dir=PACKAGES,
+    # Target presets (TOML) ship inside qcompile.backend; listed explicitly because
+    # include_package_data is off (MANIFEST.in must not decide what gets installed).
+    package_data={"qcompile.backend": ["targets/*.toml"]},
     ext_modules=cythonize(EXTENSIONS, language_level=3),
     include_package_data=False,
 )

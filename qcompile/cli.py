@@ -7,6 +7,7 @@ code 2; a traceback appears only with --debug. Outputs are written atomically.
     qcompile MODEL [--passes PIPELINE] [-o OUT.onnx]     run a pipeline, write ONNX
     qcompile inspect MODEL [--format json] [--dot F]     summarise a model
     qcompile passes                                      list passes and options
+    qcompile targets [NAME_OR_PATH]                      list targets, or show one
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from .onnx_io import load, save
 
 __all__ = ["main"]
 
-COMMANDS = ("compile", "inspect", "passes")
+COMMANDS = ("compile", "inspect", "passes", "targets")
 _OPTIONS_WITH_VALUE = {"--plugin", "--passes", "-o", "--output", "--calib", "--print-ir-after", "--format", "--dot"}
 
 DESCRIPTION = """\
@@ -36,6 +37,7 @@ commands:
   qcompile MODEL.onnx [--passes PIPELINE] [-o OUT.onnx]   run a pass pipeline (default command)
   qcompile inspect MODEL.onnx [--format json] [--dot F]   summary, MACs, per-node table
   qcompile passes                                         list passes and their options
+  qcompile targets [NAME | FILE.toml]                     list accelerator targets, or show one
 
 A pipeline is text: `canonicalize,dce` or `upgrade-opset{version=13},canonicalize`.
 Run `qcompile COMMAND --help` for a command's options."""
@@ -87,7 +89,8 @@ def _dispatch(argv: List[str]) -> int:
     args = _top_parser().parse_args(argv)
     for path in args.plugin:
         _load_plugin(path)
-    return {"compile": _cmd_compile, "inspect": _cmd_inspect, "passes": _cmd_passes}[command](args)
+    return {"compile": _cmd_compile, "inspect": _cmd_inspect, "passes": _cmd_passes,
+            "targets": _cmd_targets}[command](args)
 
 
 def _command_of(argv: List[str]) -> Optional[str]:
@@ -137,6 +140,12 @@ def _top_parser() -> argparse.ArgumentParser:
     insp.add_argument("--dot", metavar="FILE.dot", help="also write the graph as Graphviz DOT")
 
     sub.add_parser("passes", parents=[common], help="list the available passes and their options")
+
+    targ = sub.add_parser("targets", parents=[common], help="list the accelerator targets, or show one",
+                          description="Without an argument, list the built-in target presets; with a preset "
+                                      "name or a path to a target .toml file, print its parameters and the "
+                                      "source of each energy figure.")
+    targ.add_argument("target", nargs="?", metavar="NAME_OR_PATH", help="a preset name (e.g. rain-sim) or FILE.toml")
     return top
 
 
@@ -254,6 +263,16 @@ def _cmd_passes(args) -> int:
         print(f"{name:<18} {cls.summary()}")
         for opt in cls.options():
             print(f"    {opt}")
+    return 0
+
+
+def _cmd_targets(args) -> int:
+    from .backend.target import format_target, format_target_list, load_target
+
+    if args.target is None:
+        print(format_target_list())
+    else:
+        print(format_target(load_target(args.target)))
     return 0
 
 
