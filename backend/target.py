@@ -333,8 +333,8 @@ _VECTOR = {"width": "a positive integer: int32 lanes (elements per cycle)",
 _SRAM_BUFFER = {"size_kib": "a positive number: size in KiB (1024 bytes)"}
 _DRAM = {"bandwidth_gb_s": "a positive number: bandwidth in GB/s (1e9 bytes/s)",
          "latency_ns": "a number >= 0: latency per transfer in ns"}
-_ENERGY = {**{k: "{pj = <number>, source = \"<citation>\"}" for k in ENERGY_FIGURES},
-           "static_power_mw": "{mw = <number>, source = \"<citation>\"}"}
+_ENERGY = {**{k: "a table {pj = <number>, source = \"<citation>\"}" for k in ENERGY_FIGURES},
+           "static_power_mw": "a table {mw = <number>, source = \"<citation>\"}"}
 
 
 class _Parser:
@@ -387,7 +387,7 @@ class _Parser:
         listed = ", ".join(f"'{a}'" for a in allowed)
         if not isinstance(value, str) or value not in allowed:
             got = f"'{value}'" if isinstance(value, str) else _describe(value)
-            close = difflib.get_close_matches(value, allowed, n=1) if isinstance(value, str) else []
+            close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.85) if isinstance(value, str) else []
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise self.fail(key, f"{got} is not allowed{hint}; allowed: {listed}")
         return value
@@ -450,7 +450,7 @@ class _Parser:
             tile = matrix.rows * matrix.cols * elem
             if size < tile:
                 raise self.fail(f"{key}.size_kib", f"{_num(kib)} KiB cannot hold one {matrix.rows}x{matrix.cols} "
-                                                   f"tile ({tile} bytes); must be >= {_num(tile / 1024)}")
+                                                   f"tile ({tile} bytes); must be >= {_num(tile / 1024)} KiB")
             buffers[n] = SramBuffer(n, int(size), getattr(energy, f"sram_{n}_pj_per_byte"), elem)
         return types.MappingProxyType(buffers)
 
@@ -463,7 +463,7 @@ class _Parser:
             key = f"energy.{k}"
             fig = e[k]
             if not isinstance(fig, dict):
-                raise self.fail(key, f"expected a table {_ENERGY[k]}, got {_describe(fig)}")
+                raise self.fail(key, f"expected {_ENERGY[k]}, got {_describe(fig)}")
             fig = self.table(fig, key, {unit: f"a number >= 0, in {'mW' if unit == 'mw' else 'pJ'}",
                                         "source": "a string citing where the figure comes from"})
             values[k] = self.number(fig[unit], f"{key}.{unit}", positive=False)
@@ -549,9 +549,9 @@ def _canonical(obj: Any) -> Any:
 
 
 def _describe(value: Any) -> str:
-    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list",
+    kind = {bool: "boolean", int: "integer", float: "float", str: "string", list: "list",
             dict: "table"}.get(type(value), type(value).__name__)
     if isinstance(value, (dict, list)):
-        return f"a {kind}"
+        return f"a {kind}" if value else f"an empty {kind}"
     shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
     return f"{shown} ({kind})"
