@@ -368,6 +368,21 @@ def test_cli_bad_file_through_the_installed_command(tmp_path):
     assert r.returncode == 0 and "rain-sim-ws" in r.stdout
 
 
+def test_presets_are_package_data():
+    """include_package_data is off, so setup.py must list the presets (a fresh
+    non-editable install would otherwise ship no targets)."""
+    import ast
+    import fnmatch
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tree = ast.parse(open(os.path.join(root, "setup.py")).read())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    package_data = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "package_data"))
+    patterns = package_data["qcompile.backend"]
+    presets = [f"targets/{f}" for f in os.listdir(os.path.join(root, "backend", "targets"))]
+    assert presets and all(any(fnmatch.fnmatch(f, p) for p in patterns) for f in presets), (patterns, presets)
+
+
 def test_constants_match_docs():
     """docs/targets.md lists the same choices the validator accepts."""
     docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "targets.md")
