@@ -357,7 +357,7 @@ def test_cli_bad_target_is_one_line_exit_2(capsys, args, fragments):
 
 def test_cli_bad_file_through_the_installed_command(tmp_path):
     """As a user runs it: exit 2, one line naming the file and the key, no traceback."""
-    path = write(tmp_path, edited(r'^dataflow = .*$', 'dataflow = "diagonal"'), name="my.toml")
+    write(tmp_path, edited(r'^dataflow = .*$', 'dataflow = "diagonal"'), name="my.toml")
     exe = shutil.which("qcompile", path=os.path.dirname(sys.executable))
     cmd = [exe] if exe else [sys.executable, "-m", "qcompile"]
     r = subprocess.run(cmd + ["targets", "my.toml"], cwd=tmp_path, capture_output=True, text=True)
