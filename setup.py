@@ -20,10 +20,14 @@ PACKAGES = {
     "qcompile.passes.quantize": "passes/quantize",
     "qcompile.passes.calibrate": "passes/calibrate",
     "qcompile.backend": "backend",
+    "qcompile.backend.lowering": "backend/lowering",
+    "qcompile.backend.simulator": "backend/simulator",
 }
 
 EXTENSIONS = [
     Extension("qcompile._native.bitpack", ["qcompile/_native/bitpack.pyx"]),
+    Extension("qcompile.backend.lowering._alloc", ["backend/lowering/_alloc.pyx"]),
+    Extension("qcompile.backend.lowering._deps", ["backend/lowering/_deps.pyx"]),
 ]
 
 setup(

@@ -1,0 +1,98 @@
+"""State shared by the layer schedulers: the emitter, the constant segment, the DRAM
+tensors, and the schedule record that `--dump schedule` prints."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from qcompile._native import pack_bits
+
+from ..isa import DType, DTYPE_BITS, dtype_code
+from ..program import TensorSlot
+from .emitter import Emitter
+from .plan import LoweringError
+
+__all__ = ["Context", "Slot", "weight_type", "encode_weights"]
+
+
+@dataclass
+class Slot:
+    """A tensor in DRAM as the schedulers see it."""
+    index: int
+    addr: int
+    dtype: DType
+    shape: Tuple[int, ...]
+
+    @property
+    def esize(self) -> int:
+        return max(1, DTYPE_BITS[self.dtype] // 8)
+
+
+@dataclass
+class Context:
+    target: Any
+    model: Any
+    plan: Any
+    emitter: Emitter
+    slots: Dict[int, Slot]                      # id(value) -> DRAM slot
+    tensors: List[TensorSlot]
+    const: bytearray = field(default_factory=bytearray)
+    schedule: List[str] = field(default_factory=list)
+    layer: int = 0
+    _const_cache: Dict[Any, int] = field(default_factory=dict)
+
+    def slot(self, value) -> Slot:
+        try:
+            return self.slots[id(value)]
+        except KeyError:
+            raise LoweringError(f"tensor %{value.name} has no DRAM slot (internal error: lowering order)") from None
+
+    def add_const(self, data: bytes, key: Any = None, align: int = 64) -> int:
+        """Append `data` to the constant segment (once per key); returns its address."""
+        if key is not None and key in self._const_cache:
+            return self._const_cache[key]
+        pad = (-len(self.const)) % align
+        self.const += b"\0" * pad
+        addr = len(self.const)
+        self.const += bytes(data)
+        if key is not None:
+            self._const_cache[key] = addr
+        return addr
+
+    def note(self, text: str) -> None:
+        self.schedule.append(text)
+
+
+def weight_type(values: np.ndarray, bits: int, precisions) -> DType:
+    """The smallest operand type the target supports that holds the weights exactly."""
+    v = np.asarray(values)
+    lo, hi = (int(v.min()), int(v.max())) if v.size else (0, 0)
+    prec = {p.lower() for p in precisions}
+    if bits <= 1 and "binary" in prec and set(np.unique(v).tolist()) <= {-1, 1}:
+        return DType.BINARY
+    if bits <= 2 and "int2" in prec and lo >= -2 and hi <= 1:
+        return DType.INT2
+    if bits <= 4 and "int4" in prec and lo >= -8 and hi <= 7:
+        return DType.INT4
+    if v.dtype == np.uint8:
+        return DType.UINT8
+    if lo < -128 or hi > 127:
+        raise LoweringError(f"weights in [{lo}, {hi}] do not fit an 8-bit operand")
+    return DType.INT8
+
+
+def encode_weights(matrix: np.ndarray, wtype: DType) -> bytes:
+    """The bytes of a K x N weight tile as the matrix unit reads it (row-major; sub-byte
+    types packed LSB first; BINARY stores bit 1 for +1 and bit 0 for -1)."""
+    flat = np.ascontiguousarray(matrix).reshape(-1)
+    if wtype == DType.BINARY:
+        return pack_bits((flat > 0).astype(np.int32), 1)
+    if wtype in (DType.INT4, DType.INT2):
+        return pack_bits(flat.astype(np.int32), 4 if wtype == DType.INT4 else 2)
+    return flat.astype(np.uint8 if wtype == DType.UINT8 else np.int8).tobytes()
+
+
+def act_type(dtype) -> DType:
+    return dtype_code(dtype)

@@ -1,0 +1,80 @@
+"""rain-sim: runs a program bit-exactly and reports cycles, traffic and energy.
+
+The simulator knows programs and targets, not graphs: `simulate(program, target, feeds)`
+needs nothing but a `Program` (or a `.rsim` path) and the target it was compiled for.
+Feeds follow the calibration-data convention: {input name: array of N samples, each of
+the input's shape}. Outputs come back in the same convention, dequantized to float.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional
+
+import numpy as np
+
+from ..isa import DTYPE_NUMPY
+from ..program import Program, ProgramError, load_program
+from .functional import Machine, SimulationError, exact_matmul
+from .host import dequantize_output, quantize_input
+from .report import build_report, format_report
+from .timing import Timeline, schedule
+
+__all__ = ["simulate", "SimResult", "SimulationError", "format_report", "check_feeds", "exact_matmul"]
+
+
+@dataclass
+class SimResult:
+    outputs: Dict[str, np.ndarray]          # float (dequantized) or raw, N samples each
+    raw_outputs: Dict[str, np.ndarray]      # the integer tensors before dequantization
+    report: Dict[str, Any]
+    timeline: Timeline
+
+
+def check_feeds(program: Program, feeds: Mapping[str, np.ndarray]) -> int:
+    """The number of samples; errors name the input and the shape it needs."""
+    n = None
+    for spec in program.inputs:
+        name = spec["name"]
+        if name not in feeds:
+            raise ProgramError(f"missing input '{name}' (shape {spec['shape']} per sample); the file has "
+                               f"{', '.join(sorted(feeds)) or 'nothing'}")
+        x = np.asarray(feeds[name])
+        want = tuple(spec["shape"])
+        if x.shape[1:] != want:
+            raise ProgramError(f"input '{name}': expected N samples of shape {list(want)}, i.e. an array of shape "
+                               f"[N, {', '.join(map(str, want))}], got {list(x.shape)}")
+        if spec["float"] and not np.issubdtype(x.dtype, np.floating):
+            raise ProgramError(f"input '{name}': expected float samples, got {x.dtype}")
+        if not spec["float"] and x.dtype != np.dtype(spec["dtype"]):
+            raise ProgramError(f"input '{name}': expected {spec['dtype']} samples, got {x.dtype}")
+        if spec["float"] and not np.all(np.isfinite(x)):
+            raise ProgramError(f"input '{name}': contains NaN or infinity")
+        if n is not None and x.shape[0] != n:
+            raise ProgramError(f"input '{name}': {x.shape[0]} samples, but other inputs have {n}")
+        n = x.shape[0]
+    return n or 1
+
+
+def simulate(program, target, feeds: Mapping[str, np.ndarray], timing: bool = True) -> SimResult:
+    """Run every sample of `feeds` through `program` on `target`."""
+    if isinstance(program, str):
+        program = load_program(program)
+    program.check_target(target)
+    n = check_feeds(program, feeds)
+    machine = Machine(program, target, n)
+    for spec in program.inputs:
+        x = np.asarray(feeds[spec["name"]])
+        q = quantize_input(x, spec) if spec["float"] else x
+        program.tensor_array(machine.arena, spec["tensor"])[...] = q.reshape((n,) + tuple(
+            program.tensors[spec["tensor"]].shape))
+    instrs = program.instructions
+    machine.run(instrs)
+    outputs, raw = {}, {}
+    for spec in program.outputs:
+        t = program.tensor_array(machine.arena, spec["tensor"]).copy()
+        raw[spec["name"]] = t
+        y = dequantize_output(t, spec) if spec["float"] else t
+        outputs[spec["name"]] = y.reshape((n,) + tuple(spec["shape"]))
+    timeline = schedule(instrs, target)
+    report = build_report(program, target, timeline, n) if timing else {}
+    return SimResult(outputs, raw, report, timeline)

@@ -1,0 +1,125 @@
+"""The performance report of one inference: per layer and in total.
+
+Per layer: op, shapes, precision, MACs, cycles (span from its first instruction's start
+to its last one's end, busy cycles per unit, stall cycles), matrix utilization (MACs
+over the array's MAC slots in its busy cycles), SRAM and DRAM bytes, and energy by
+component (MAC, vector, SRAM, DRAM, and static power over the layer's span). Totals add
+the whole run's static energy, and HOST ops are listed with the reason each runs on
+the host. `format_report` prints the table; `report` is also plain JSON data.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import numpy as np
+
+from ..isa import Op, Unit
+from ..program import Program
+from .energy import instruction_cost
+from .timing import Timeline
+
+__all__ = ["build_report", "format_report"]
+
+_COMPONENTS = ("mac", "vector", "sram", "dram", "static")
+
+
+def build_report(program: Program, target, timeline: Timeline, samples: int) -> Dict[str, Any]:
+    instrs = program.instructions
+    static_pj_per_cycle = target.energy.static_power_mw * 1e-3 / (target.clock_mhz * 1e6) * 1e12
+    n_layers = len(program.layers)
+    acc = [{"macs": 0, "sram": 0, "dram": 0, "energy": dict.fromkeys(_COMPONENTS, 0.0),
+            "busy": {u.name.lower(): 0 for u in Unit}, "stall": 0, "start": None, "end": 0, "count": 0}
+           for _ in range(n_layers)]
+    for i, ins in enumerate(instrs):
+        rec = acc[ins.layer]
+        cost = instruction_cost(ins, target)
+        rec["macs"] += cost.macs
+        rec["sram"] += sum(cost.sram_bytes.values())
+        rec["dram"] += cost.dram_bytes
+        for k, v in cost.energy.items():
+            rec["energy"][k] += v
+        u = Unit(int(timeline.units[i])).name.lower()
+        rec["busy"][u] += int(timeline.end[i] - timeline.start[i])
+        rec["stall"] += int(timeline.stall[i])
+        s = int(timeline.start[i])
+        rec["start"] = s if rec["start"] is None else min(rec["start"], s)
+        rec["end"] = max(rec["end"], int(timeline.end[i]))
+        rec["count"] += 1
+    rows, cols = target.matrix.rows, target.matrix.cols
+    layers: List[Dict[str, Any]] = []
+    for meta, rec in zip(program.layers, acc):
+        span = 0 if rec["start"] is None else rec["end"] - rec["start"]
+        rec["energy"]["static"] = span * static_pj_per_cycle
+        mat = rec["busy"]["matrix"]
+        layers.append({
+            "name": meta["name"], "op": meta["op"], "unit": meta["unit"], "inputs": meta["inputs"],
+            "output": meta["output"], "precision": meta["precision"], "macs": rec["macs"] or meta.get("macs", 0),
+            "instructions": rec["count"],
+            "cycles": {"span": span, "matrix": mat, "vector": rec["busy"]["vector"], "dma": rec["busy"]["dma"],
+                       "stall": rec["stall"]},
+            "utilization": (rec["macs"] / (mat * rows * cols)) if mat and meta["unit"] == "matrix" else None,
+            "sram_bytes": rec["sram"], "dram_bytes": rec["dram"],
+            "energy_pj": {k: round(v, 3) for k, v in rec["energy"].items()},
+            "host": meta["unit"] == "host", "reason": meta.get("reason", ""),
+        })
+    total_cycles = timeline.total
+    energy = {k: float(sum(r["energy"][k] for r in acc)) for k in _COMPONENTS if k != "static"}
+    energy["static"] = total_cycles * static_pj_per_cycle
+    energy["total"] = float(sum(energy.values()))
+    busy = {u.name.lower(): timeline.busy(u) for u in Unit}
+    total_macs = int(sum(r["macs"] for r in acc))
+    return {
+        "target": target.name, "clock_mhz": target.clock_mhz, "samples": samples,
+        "array": f"{rows}x{cols} {target.matrix.dataflow}",
+        "total": {
+            "cycles": total_cycles, "time_us": total_cycles / target.clock_mhz,
+            "busy": busy, "utilization": {k: (v / total_cycles if total_cycles else 0.0) for k, v in busy.items()},
+            "matrix_utilization": (total_macs / (busy["matrix"] * rows * cols)) if busy["matrix"] else None,
+            "stall": int(timeline.stall.sum()), "macs": total_macs,
+            "sram_bytes": int(sum(r["sram"] for r in acc)), "dram_bytes": int(sum(r["dram"] for r in acc)),
+            "energy_pj": {k: round(v, 3) for k, v in energy.items()},
+            "instructions": len(instrs),
+        },
+        "layers": layers,
+        "host_ops": [{"name": l["name"], "op": l["op"], "reason": l["reason"]} for l in layers if l["host"]],
+    }
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_report(rep: Dict[str, Any]) -> str:
+    head = (f"{'#':>3} {'layer':<26} {'op':<12} {'unit':<6} {'prec':<6} {'MACs':>7} {'cycles':>8} {'matrix':>8} "
+            f"{'vector':>7} {'dma':>8} {'stall':>8} {'util':>5} {'SRAM B':>7} {'DRAM B':>7} {'energy nJ':>9}")
+    lines = [f"rain-sim report: target {rep['target']} ({rep['array']}, {rep['clock_mhz']:g} MHz), "
+             f"per inference ({rep['samples']} simulated)", head, "-" * len(head)]
+    for i, l in enumerate(rep["layers"]):
+        if l["unit"] == "-":
+            continue
+        c = l["cycles"]
+        util = f"{100 * l['utilization']:.0f}%" if l["utilization"] is not None else "-"
+        e = sum(l["energy_pj"].values()) / 1e3
+        lines.append(f"{i:>3} {l['name'][:26]:<26} {l['op'][:12]:<12} {l['unit']:<6} {str(l['precision'])[:6]:<6} "
+                     f"{_si(l['macs']):>7} {c['span']:>8} {c['matrix']:>8} {c['vector']:>7} {c['dma']:>8} "
+                     f"{c['stall']:>8} {util:>5} {_si(l['sram_bytes']):>7} {_si(l['dram_bytes']):>7} {e:>9.2f}")
+    t = rep["total"]
+    e = t["energy_pj"]
+    mu = f"{100 * t['matrix_utilization']:.0f}%" if t["matrix_utilization"] is not None else "-"
+    lines += [
+        "-" * len(head),
+        f"total: {t['cycles']} cycles = {t['time_us']:.2f} us; {_si(t['macs'])} MACs; {t['instructions']} instructions",
+        f"units busy: matrix {t['busy']['matrix']} ({100 * t['utilization']['matrix']:.0f}% of the run, array "
+        f"utilization {mu}), vector {t['busy']['vector']} ({100 * t['utilization']['vector']:.0f}%), "
+        f"dma {t['busy']['dma']} ({100 * t['utilization']['dma']:.0f}%); stalls {t['stall']}",
+        f"traffic: SRAM {_si(t['sram_bytes'])}B, DRAM {_si(t['dram_bytes'])}B",
+        f"energy: {e['total'] / 1e6:.4f} uJ = MAC {e['mac'] / 1e3:.2f} nJ + vector {e['vector'] / 1e3:.2f} nJ + "
+        f"SRAM {e['sram'] / 1e3:.2f} nJ + DRAM {e['dram'] / 1e3:.2f} nJ + static {e['static'] / 1e3:.2f} nJ",
+    ]
+    if rep["host_ops"]:
+        lines.append(f"host ops ({len(rep['host_ops'])}, not in the cycle count): " +
+                     ", ".join(f"{h['op']} {h['name']} ({h['reason']})" for h in rep["host_ops"]))
+    return "\n".join(lines) + "\n"
