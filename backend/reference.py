@@ -217,8 +217,9 @@ def _quantize(node: Node, x, scale, zp=None):
         zc = z
     dtype = np.dtype(np.uint8) if zp is None else np.asarray(zp).dtype
     info = np.iinfo(dtype)
+    lo, hi = _attr(node, "out_min", info.min), _attr(node, "out_max", info.max)  # narrow types in a container
     y = np.rint(np.asarray(x, np.float32) / s) + zc.astype(np.float32)  # round half to even
-    return np.clip(y, info.min, info.max).astype(dtype)
+    return np.clip(y, lo, hi).astype(dtype)
 
 
 def _dequantize(node: Node, x, scale, zp=None):

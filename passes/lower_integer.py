@@ -40,8 +40,10 @@ from qcompile.ir import Graph, Model, Node, QuantParams, TensorType, Value
 from qcompile.passmanager import Pass, PassResult, register_pass
 from qcompile.quant_math import (
     DEQUANTIZE, DOMAIN, QADD, QAVERAGEPOOL, QCONV, QGEMM, QMATMUL, QMUL, QUANTIZE, REQUANTIZE,
-    quantize_multiplier, quantize_multiplier_pair,
+    quantize_multiplier, quantize_multiplier_pair, requantize,
 )
+
+from .narrow_types import widen_narrow_types
 
 __all__ = ["LowerInteger"]
 
@@ -89,6 +91,9 @@ class LowerInteger(Pass):
         converted = _convert_interface(g)
         self.stats["Quantize/Dequantize at the float interface"] += converted
         _sweep(g)
+        widened = widen_narrow_types(model)
+        if widened:
+            self.stats["narrow tensors moved into int8/uint8 containers"] += widened
         if lowered or converted:
             model.opset_imports.setdefault(DOMAIN, 1)
         g.sort()
@@ -238,6 +243,7 @@ class LowerInteger(Pass):
                 continue
             full = _Out(out.q, out.scale, out.zp, out.dtype, out.dtype.min, out.dtype.max, [])
             r = _requantize(g, a.q, a.scale, a.zp, full, f"{node.name}_in{i}", force=True)
+            r.output.type = _retype(a.q, out.dtype, out.scale, out.zp)
             g.insert_before(out.q, r)
             extra.append(r)
             ins.append(r.output)
@@ -391,12 +397,21 @@ def _requantize(g: Graph, x: Value, scale: float, zp: int, out: _Out, name: str,
     `force`, an Identity-free pass-through is expressed by returning the producer."""
     same = (np.float32(scale) == np.float32(out.scale) and zp == out.zp and x.type.dtype == out.dtype
             and out.lo == out.dtype.min and out.hi == out.dtype.max)
-    if same and not force and x.producer is not None:
-        return x.producer
     m, s = _multiplier(scale / out.scale)
+    if (same or _identity(x.type.dtype, zp, m, s, out)) and not force and x.producer is not None:
+        return x.producer
     attrs = dict(x_zero_point=int(zp), multiplier=int(m), shift=int(s), out_zero_point=out.zp,
                  out_min=out.lo, out_max=out.hi)
     return Node(REQUANTIZE, [x], attrs, domain=DOMAIN, name=name + "_requantize")
+
+
+def _identity(dtype, zp: int, m, s, out: _Out) -> bool:
+    """True when requantizing maps every code of `dtype` to itself (scales a float32
+    step apart, as `quantize` makes them around a 4-bit MaxPool)."""
+    if dtype != out.dtype or zp != out.zp or dtype.bits > 16:
+        return False
+    codes = np.arange(dtype.min, dtype.max + 1, dtype=np.int64)
+    return bool(np.array_equal(requantize(codes - zp, m, s, out.zp, out.lo, out.hi), codes))
 
 
 def _replace(g: Graph, node: Node, out: _Out, new: Node, extra: Sequence[Node] = ()) -> Node:

@@ -48,13 +48,20 @@ Ops of the domain (inputs in order; `?` optional; int32 accumulators):
       attrs: x_zero_point, multiplier, shift, out_zero_point, out_min, out_max:
       y = requant(x - x_zp). A Relu/Clip on a quantized tensor is a Requantize with
       narrowed out_min/out_max.
-  Quantize(x, scale, zero_point) {axis?}   float -> integer, as ONNX QuantizeLinear.
+  Quantize(x, scale, zero_point) {axis?, out_min?, out_max?}   float -> integer, as ONNX
+      QuantizeLinear, saturating to out_min..out_max when given (a 4-bit tensor in an
+      int8 container).
   Dequantize(x, scale, zero_point) {axis?} integer -> float, as ONNX DequantizeLinear.
 
 Data-movement ops keep their ONNX (default-domain) op on integer tensors, the scale
 unchanged: MaxPool, Flatten, Reshape, Transpose, Squeeze, Unsqueeze, Concat (inputs
 first requantized to the output's scale). Any other default-domain op left in an
 integer graph is a float op on the host, between Dequantize and Quantize.
+
+Narrow types: every integer tensor is held in an int8/uint8 (or wider) container; a
+tensor of fewer than 8 bits is one whose producer saturates to its range (out_min,
+out_max), and the model metadata `qcompile.activation_bits` / `qcompile.weight_bits`
+({tensor: type}) records its true width for the backend to pack.
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import shutil
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -77,10 +78,15 @@ def test_int8_accuracy_matches_float(int8_model):
 @pytest.mark.parametrize("weights, floor", [("int4", 0.95), ("int3", 0.95)])
 def test_low_bit_weights(weights, floor):
     model = quantized(f"weights={weights}")
+    weights_seen = 0
     for n in model.graph.nodes:
-        if n.op_type == "DequantizeLinear" and n.attr("axis") == 0 and n.inputs[0].const_value.dtype == np.int8:
+        if n.op_type == "DequantizeLinear" and n.attr("axis") == 0 and n.inputs[0].const_value is not None \
+                and n.inputs[0].const_value.dtype != np.int32:
+            assert n.inputs[0].const_value.dtype == ml_dtypes.int4  # packed ONNX INT4 (opset 21)
             b = int(weights[3:])
             assert np.abs(n.inputs[0].const_value.astype(int)).max() <= 2 ** (b - 1) - 1
+            weights_seen += 1
+    assert weights_seen == 3
     assert accuracy(model) >= floor
     assert set(json.loads(model.metadata_props["qcompile.weight_bits"]).values()) == {f"i{weights[3:]}"}
 

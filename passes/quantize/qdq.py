@@ -4,9 +4,14 @@ onnxruntime runs and that `lower-integer` will turn into integer ops.
 What it rewrites, for every Conv, Gemm and MatMul whose weight is a constant:
   1. The weight W becomes DequantizeLinear(W_q, scale, zero_point) with W_q integers
      chosen by passes/quantize/weights.py (per output channel by default; bit-widths
-     2-8, ternary, binary). Widths under 8 bits are stored in an int8 container with a
-     clipped range; the true width is recorded in the model's metadata
-     (`qcompile.weight_bits`: {tensor: type}) and in the value's type.
+     2-8, ternary, binary). Storage: widths of 4 bits and under are packed ONNX
+     INT4/UINT4 tensors (`packed`, the model upgraded to opset 21; onnxruntime runs
+     them); wider ones, and all of them with packed=false or when the upgrade fails, an
+     int8 container with a clipped range. Exception: a Conv whose input is a 4-bit
+     activation keeps wider weights in an int16 container, because onnxruntime 1.32
+     fuses DQ(int4)/DQ(int8) -> Conv -> Q(int4) into a QLinearConv that rejects int4.
+     The true width is recorded in the model's metadata (`qcompile.weight_bits`:
+     {tensor: type}).
   2. A constant bias b becomes DequantizeLinear(b_q, s_x * s_w, 0) with b_q int32, the
      scale of the accumulator, as integer hardware adds it.
   3. The activation input and the output get a Q->DQ pair on the tensor (one pair per
@@ -14,11 +19,15 @@ What it rewrites, for every Conv, Gemm and MatMul whose weight is a constant:
      calibration range: asymmetric int8, 0.0 exactly representable. When the output's
      only reader is a Relu (or Clip), the pair goes after that activation instead, as a
      fused activation would be quantized.
-  4. Activations are int8 by default; `activations=int16` widens them all, and
-     `min_activation_sqnr=DB` only the sensitive ones: a tensor whose int8 SQNR,
-     estimated from its calibration histogram (signal power against step^2/12 plus the
-     clipped mass), is under DB decibels gets int16 (com.microsoft QuantizeLinear /
-     DequantizeLinear, which onnxruntime runs at opset 13+), and the decision is listed.
+  4. Activations are int8 by default; activations.py says which tensor gets which type
+     and range (`activations=int4|int16`, `activation_overrides`, and
+     `min_activation_sqnr=DB`, which widens tensors whose estimated SQNR is under DB).
+     int16 uses com.microsoft QuantizeLinear/DequantizeLinear (onnxruntime runs them at
+     opset 13+); int4 the ONNX INT4 type (opset 21, the model is upgraded). A Clip
+     fused before a 4-bit Q is dropped when it is redundant at the tensor's scale
+     (Q(clip_min) = qmin and Q(clip_max) = qmax: the QDQ model computes the same), since
+     onnxruntime 1.32's ClipQuantFusion throws on INT4 zero points; a Clip that is not
+     redundant keeps its tensor at int8. Each widening is listed with its reason.
   4b. A MatMul of two activations (attention's Q.K^T and P.V) gets Q->DQ pairs on both
      inputs and its output.
   4c. Inputs and outputs of the data-movement and elementwise ops between them (Add, Mul,
@@ -52,10 +61,11 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from qcompile.errors import QCompileError
-from qcompile.ir import INT8, INT16, Graph, Model, Node, QuantParams, TensorType, Value
+from qcompile.ir import INT8, INT16, UINT8, DataType, Graph, Model, Node, QuantParams, TensorType, Value, int_type
 from qcompile.onnx_io import to_proto, upgrade_opset
 from qcompile.passmanager import Pass, PassResult, option, register_pass
 
+from .activations import ACTIVATION_TYPES, ActivationPlan, activation_params
 from .weights import WeightFormat, dequantize, quantize_weight, weight_format
 
 __all__ = ["Quantize"]
@@ -66,6 +76,7 @@ _FLOW = {"Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", 
 _FUSED = {"Relu", "Clip"}
 BITS_KEY = "qcompile.weight_bits"
 _WIDE_DOMAIN = "com.microsoft"  # QuantizeLinear/DequantizeLinear with int16 below opset 21 (onnxruntime's)
+_PACKED_OPSET = 21  # ONNX INT4/UINT4 in QuantizeLinear/DequantizeLinear
 log = logging.getLogger(__name__)
 
 
@@ -85,10 +96,16 @@ class Quantize(Pass):
                                  "expression over node names, TYPE a weight type or 'float'")
     min_weight_sqnr: float = option(0.0, "precision fallback: a layer whose weight SQNR (dB) falls below this "
                                          "at the chosen type is kept at int8, or float if int8 falls short too")
-    activations: str = option("int8", "activation type (int16 quantizes through com.microsoft QDQ ops)",
-                              choices=("int8", "int16"))
-    min_activation_sqnr: float = option(0.0, "sensitive tensors: an activation whose int8 SQNR, estimated from its "
-                                             "calibration histogram, falls below this many dB gets int16")
+    activations: str = option("int8", "activation type (int16 quantizes through com.microsoft QDQ ops, int4 "
+                                      "through ONNX INT4 at opset 21)", choices=tuple(ACTIVATION_TYPES))
+    activation_overrides: list = option([], "per-tensor activation types, PATTERN:TYPE;...: PATTERN is an op type or "
+                                            "a regular expression over the producing node's name or the tensor's "
+                                            "name, TYPE int4, int8 or int16")
+    min_activation_sqnr: float = option(0.0, "sensitive tensors: an activation whose SQNR, estimated from its "
+                                             "calibration histogram, falls below this many dB gets a wider type "
+                                             "(int4 -> int8 -> int16)")
+    packed: bool = option(True, "store 4-bit and narrower weights as packed ONNX INT4/UINT4 (the model is "
+                                "upgraded to opset 21); false keeps them in int8 containers at opset 13")
     config: str = option("", "a .json or .toml file with these options (overrides as a table PATTERN = TYPE); "
                              "options given in the pipeline win")
 
@@ -102,11 +119,12 @@ class Quantize(Pass):
     def run(self, model: Model) -> PassResult:
         if self.config:
             self._apply_config(self.config)
-        if model.opset < 13:
-            model = upgrade_opset(model, 13)
-        model.annotations["float_model"] = to_proto(model)
         plan = _LayerPlan(self)
-        q = _Inserter(model.graph, model.annotations["calibration"], self.activations, self.min_activation_sqnr)
+        acts = ActivationPlan(self.activations, self.activation_overrides, model.annotations["calibration"],
+                              self.min_activation_sqnr)
+        model = self._upgrade(model, plan, acts)
+        model.annotations["float_model"] = to_proto(model)
+        q = _Inserter(model.graph, model.annotations["calibration"], acts, packed=model.opset >= _PACKED_OPSET)
         bits: Dict[str, str] = {}
         decisions: List[dict] = []
         for node in model.graph.nodes:
@@ -136,13 +154,33 @@ class Quantize(Pass):
             model.metadata_props[BITS_KEY] = json.dumps(bits, sort_keys=True)
         model.annotations["quantization_decisions"] = decisions
         self.stats["activation tensors quantized"] += len(q.done) // 2
-        if q.wide:
+        for name, dtype in q.types.items():
+            self.stats[f"activation tensors at {dtype}"] += 1
+        if any(t.bits == 16 for t in q.types.values()):
             model.opset_imports.setdefault(_WIDE_DOMAIN, 1)
-            self.stats["activation tensors at int16"] += len(q.wide)
-            for name, why in q.wide.items():
-                decisions.append({"tensor": name, "reason": why, "kept_at": "i16"})
+        for name, (dtype, why) in q.wide.items():
+            decisions.append({"tensor": name, "reason": why, "kept_at": str(dtype)})
         model.graph.sort()
         return PassResult(model, modified=bool(q.done or bits))
+
+    def _upgrade(self, model: Model, plan: "_LayerPlan", acts: ActivationPlan) -> Model:
+        """The model at the opset quantization needs: 13 (per-axis DequantizeLinear), 21
+        where 4-bit types are packed (int4 activations must be; weights fall back to int8
+        containers when the converter cannot reach 21)."""
+        if acts.may_use_int4 and not self.packed:
+            raise QCompileError("quantize option activations/activation_overrides: int4 activations need packed=true "
+                                "(onnxruntime saturates an activation to 4 bits only with the ONNX INT4 type)")
+        want = _PACKED_OPSET if acts.may_use_int4 or (self.packed and plan.narrow_weights) else 13
+        if model.opset >= want:
+            return model
+        try:
+            return upgrade_opset(model, want)
+        except QCompileError as e:
+            if acts.may_use_int4:
+                raise QCompileError(f"quantize: int4 activations need opset {_PACKED_OPSET} (ONNX INT4 "
+                                    f"QuantizeLinear): {e}") from None
+            log.info("quantize: %s; 4-bit weights stay in int8 containers", e)
+            return model if model.opset >= 13 else upgrade_opset(model, 13)
 
 
     def _apply_config(self, path: str) -> None:
@@ -151,10 +189,10 @@ class Quantize(Pass):
         settings = _read_config(path)
         given = self.given_options
         for key, value in settings.items():
-            if key == "overrides":
+            if key in ("overrides", "activation_overrides"):
                 if not isinstance(value, dict):
-                    raise QCompileError(f"{path}: 'overrides' must be a table of PATTERN = TYPE")
-                self.overrides = [f"{k}:{v}" for k, v in value.items()] + list(self.overrides)
+                    raise QCompileError(f"{path}: '{key}' must be a table of PATTERN = TYPE")
+                setattr(self, key, [f"{k}:{v}" for k, v in value.items()] + list(getattr(self, key)))
                 continue
             if key == "config" or key not in self._options:
                 valid = ", ".join(sorted(k for k in self._options if k != "config"))
@@ -203,6 +241,11 @@ class _LayerPlan:
             fmt = None if kind == "float" else _format(p, kind, "overrides")
             self.rules.append((pattern, _regex(pattern, "overrides"), fmt))
         self.p = p
+
+    @property
+    def narrow_weights(self) -> bool:
+        """True when some layer may get weights of 4 bits or fewer."""
+        return any(f is not None and f.dtype.bits <= 4 for f in [self.default] + [r[2] for r in self.rules])
 
     def format_for(self, node: Node) -> Optional[WeightFormat]:
         """The node's weight format; None keeps it in float."""
@@ -290,15 +333,16 @@ def _fused_away(v: Optional[Value]) -> bool:
 class _Inserter:
     """Inserts Q->DQ pairs and quantized weights into one graph."""
 
-    def __init__(self, graph: Graph, stats, activations: str = "int8", min_sqnr: float = 0.0):
+    def __init__(self, graph: Graph, stats, acts: ActivationPlan, packed: bool = False):
         self.graph = graph
         self.stats = stats
-        self.activations = activations
-        self.min_sqnr = min_sqnr
-        self.wide: Dict[str, str] = {}  # tensors given int16, and why
-        self.done: Dict[int, Tuple[float, Value]] = {}  # id(float value) -> (scale, DQ output)
+        self.acts = acts
+        self.packed = packed
+        self.wide: Dict[str, Tuple[DataType, str]] = {}  # tensors given a wider type than asked, and why
+        self.types: Dict[str, DataType] = {}  # tensor -> activation type
+        self.done: Dict[int, Tuple[float, Value, DataType]] = {}  # id(float value or DQ output) -> (scale, DQ output, type)
         self.nonfinite = set(stats.nonfinite())
-        self.weights: Dict[tuple, tuple] = {}  # (id(float weight), format) -> (params, DQ output, name)
+        self.weights: Dict[tuple, tuple] = {}  # (id(float weight), format, container) -> (params, DQ output, name)
 
     def activation(self, v: Optional[Value]) -> Optional[float]:
         """Put a Q->DQ pair on `v`; returns its scale (None when it has no range)."""
@@ -308,23 +352,35 @@ class _Inserter:
             return self.done[id(v)][0]
         if not isinstance(v.type, TensorType) or not v.type.dtype.is_float:
             return None
-        try:
-            rng = self.stats.range(v.name)
-        except KeyError:
+        if v.name not in self.stats.tensors or v.name in self.nonfinite:
+            return None  # not calibrated, or a mask: -inf fills cannot be quantized, keep it float
+        dtype, why = self.acts.type_for(v)
+        rng = self.acts.range_for(v.name, dtype)
+        if rng is None:
             return None
-        if rng is None or v.name in self.nonfinite:
-            return None  # no range, or a mask: -inf fills cannot be quantized, keep it float
-        dtype, domain = INT8, ""
-        why = self._why_wide(v.name, rng)
+        if dtype.bits == 16:
+            why = why or f"activations=int{self.acts.chosen(v).bits}"
+        scale, zp = activation_params(*rng, dtype)
+        source = v
+        if dtype.bits < 8 and v.producer is not None and v.producer.op_type == "Clip":
+            if _clip_redundant(v.producer, scale, zp, dtype):
+                source = v.producer.inputs[0]  # Q(Clip(x)) == Q(x) at this scale
+            else:
+                why = f"the Clip before it is not redundant at int{dtype.bits} and onnxruntime cannot fuse it " \
+                      f"with a 4-bit QuantizeLinear"
+                dtype = INT8
+                scale, zp = activation_params(*self.acts.range_for(v.name, dtype), dtype)
+        if dtype.bits == 4 and v.producer is not None and v.producer.op_type == "MaxPool":
+            scale = self._unlike_input(v.producer.inputs[0], scale, zp, dtype)
         if why:
-            dtype, domain = INT16, _WIDE_DOMAIN
-            self.wide[v.name] = why
-        scale, zp = _activation_params(*rng, dtype)
+            self.wide[v.name] = (dtype, why)
+        self.types[v.name] = dtype
+        domain = _WIDE_DOMAIN if dtype.bits == 16 else ""
         g = self.graph
         s_v = g.make_constant(np.float32(scale), v.name + "_scale")
         z_v = g.make_constant(np.asarray(zp, dtype.numpy_dtype), v.name + "_zero_point")
         readers = v.uses
-        quant = Node("QuantizeLinear", [v, s_v, z_v], name=v.name + "_Q", domain=domain)
+        quant = Node("QuantizeLinear", [source, s_v, z_v], name=v.name + "_Q", domain=domain)
         deq = Node("DequantizeLinear", [None, s_v, z_v], name=v.name + "_DQ", domain=domain)
         if v.producer is not None and v.producer.graph is g:
             g.insert_after(v.producer, quant)
@@ -342,19 +398,32 @@ class _Inserter:
             v.name = g.unique_name(name + "_float")
             deq.output.name = name
             g.replace_output(v, deq.output)
-        self.done[id(v)] = self.done[id(deq.output)] = (scale, deq.output)
+        if source is not v and not v.uses:
+            clip = v.producer
+            bounds = [b for b in clip.inputs[1:] if b is not None]
+            g.remove(clip)  # redundant: see _clip_redundant
+            for b in bounds:
+                if b.is_initializer and not b.uses and not b.is_graph_input:
+                    g.remove_initializer(b.name)
+        self.done[id(v)] = self.done[id(deq.output)] = (scale, deq.output, dtype)
         return scale
 
-    def _why_wide(self, name: str, rng: Tuple[float, float]) -> str:
-        """Why tensor `name` gets int16 ('' when int8 will do)."""
-        if self.activations == "int16":
-            return "activations=int16"
-        if self.min_sqnr <= 0:
-            return ""
-        sqnr = _int8_sqnr(self.stats.tensors[name], rng)
-        if sqnr < self.min_sqnr:
-            return f"estimated int8 SQNR {sqnr:.1f} dB < {self.min_sqnr:g} dB"
-        return ""
+    def _unlike_input(self, x: Optional[Value], scale: float, zp: int, dtype: DataType) -> float:
+        """The output scale of a 4-bit MaxPool, one float32 step above the input's when
+        they would be equal: onnxruntime 1.32 drops a DQ -> MaxPool -> Q whose two sides
+        match and then finds no int4 MaxPool kernel. Every code maps to itself (|q| < 2^4,
+        relative change 2^-23), and lower-integer emits no Requantize for such a map."""
+        prev = self.done.get(id(x)) if x is not None else None
+        if prev is None or prev[2] != dtype or np.float32(prev[0]) != np.float32(scale):
+            return scale
+        dq = prev[1].producer
+        if dq is None or int(dq.inputs[2].const_value.astype(np.int64)) != zp:
+            return scale
+        return float(np.nextafter(np.float32(scale), np.float32(np.inf)))
+
+    def bits_of(self, v: Optional[Value]) -> int:
+        """Width of the activation type `v` was quantized to (0 when it was not)."""
+        return self.done[id(v)][2].bits if v is not None and id(v) in self.done else 0
 
     def weighted(self, node: Node, fmt: WeightFormat) -> Optional[str]:
         """Quantize a Conv/Gemm/MatMul: activation in, weight, bias, output."""
@@ -367,7 +436,8 @@ class _Inserter:
         if array.ndim < 2 and node.op_type != "Conv":
             return None
         fmt_here = WeightFormat(fmt.dtype, fmt.symmetric, axis if fmt.axis is not None else None, fmt.search)
-        params, dq_out, q_name = self._weight_dq(node, w, array, fmt_here)
+        container = self._container(fmt.dtype, node.op_type == "Conv" and self.bits_of(x) == 4)
+        params, dq_out, q_name = self._weight_dq(node, w, array, fmt_here, container)
         node.set_input(1, dq_out)
         g = self.graph
         replaced = [w]
@@ -390,19 +460,26 @@ class _Inserter:
         self.activation(_fused_output(node))
         return q_name
 
-    def _weight_dq(self, node: Node, w: Value, array: np.ndarray, fmt: WeightFormat):
+    def _container(self, dtype: DataType, conv_of_int4: bool) -> DataType:
+        """The ONNX type that stores weights of `dtype` (see the module docstring, case 1)."""
+        if dtype.bits <= 4 and self.packed:
+            return int_type(4, dtype.signed)
+        if conv_of_int4:
+            return int_type(16, dtype.signed)
+        return INT8 if dtype.signed else UINT8
+
+    def _weight_dq(self, node: Node, w: Value, array: np.ndarray, fmt: WeightFormat, container: DataType):
         """(params, DQ output, integer tensor name) of weight `w` in `fmt`; one DQ per
-        weight and format, shared by every layer that reads the weight."""
-        key = (id(w), fmt)
+        weight, format and container, shared by every layer that reads the weight."""
+        key = (id(w), fmt, container)
         if key in self.weights:
             return self.weights[key]
         q, params = quantize_weight(array, fmt)
         g = self.graph
-        q_v = g.make_constant(np.asarray(q, dtype=np.int32).astype(np.int8 if fmt.dtype.signed else np.uint8),
-                              w.name + "_quantized")
-        q_v.type = TensorType(q_v.type.dtype, q_v.type.shape, params)
+        q_v = g.make_constant(np.asarray(q, dtype=np.int32).astype(container.numpy_dtype), w.name + "_quantized")
+        q_v.type = TensorType(container, q_v.type.shape, params)
         s_w = g.make_constant(params.scale, w.name + "_scale")
-        z_w = g.make_constant(params.zero_point.astype(q_v.const.numpy().dtype), w.name + "_zero_point")
+        z_w = g.make_constant(params.zero_point.astype(container.numpy_dtype), w.name + "_zero_point")
         attrs = {"axis": int(params.axis)} if params.axis is not None else {}
         dq_w = g.insert_before(node, Node("DequantizeLinear", [q_v, s_w, z_w], attrs, name=w.name + "_DQ"))
         dq_w.output.type = TensorType(w.type.dtype, w.type.shape)
@@ -410,31 +487,21 @@ class _Inserter:
         return self.weights[key]
 
 
-def _activation_params(lo: float, hi: float, dtype=INT8) -> Tuple[float, int]:
-    """Asymmetric scale and zero point of `dtype` for [lo, hi] widened to include 0."""
-    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    scale = (hi - lo) / (dtype.max - dtype.min)
-    if not np.isfinite(scale) or scale <= 0:
-        return 1.0, 0
-    zp = int(np.clip(np.rint(dtype.min - lo / scale), dtype.min, dtype.max))
-    return float(np.float32(scale)), zp
+def _clip_redundant(clip: Node, scale: float, zp: int, dtype: DataType) -> bool:
+    """True when quantizing after `clip` equals quantizing before it: its bounds
+    quantize to the ends of `dtype` (or are absent). Constant bounds only."""
+    bounds = []
+    for i, name in ((1, "min"), (2, "max")):
+        if len(clip.inputs) > i and clip.inputs[i] is not None:
+            c = clip.inputs[i].const_value
+            if c is None:
+                return False
+            bounds.append(float(c))
+        else:
+            bounds.append(clip.attr(name))
+    lo, hi = bounds
 
+    def q(x: float) -> float:
+        return float(np.rint(np.float32(x) / np.float32(scale))) + zp
 
-def _int8_sqnr(tensor_stats, rng: Tuple[float, float]) -> float:
-    """Estimated SQNR (dB) of int8 quantization over [lo, hi] for a calibrated tensor:
-    signal power from its histogram, noise step^2 / 12 inside the range plus the
-    squared clipping error of the histogram mass outside it."""
-    hist = tensor_stats.hist
-    if hist is None or hist.counts.sum() == 0:
-        return float("inf")
-    edges = hist.edges
-    centers = (edges[:-1] + edges[1:]) / 2
-    p = hist.counts / hist.counts.sum()
-    power = float((p * centers ** 2).sum())
-    lo, hi = min(rng[0], 0.0), max(rng[1], 0.0)
-    step = (hi - lo) / 255.0
-    clipped = np.clip(centers, lo, hi)
-    noise = step ** 2 / 12 + float((p * (centers - clipped) ** 2).sum())
-    if noise <= 0:
-        return float("inf")
-    return 10.0 * np.log10(max(power, 1e-30) / noise)
+    return (lo is None or q(lo) <= dtype.min) and (hi is None or q(hi) >= dtype.max)

@@ -56,10 +56,15 @@ class ModelSummary:
         return dataclasses.asdict(self)
 
 
-def _type_text(v: Optional[Value]) -> str:
+def _type_text(v: Optional[Value], true_types: Optional[Dict[str, str]] = None) -> str:
+    """The value's type; ' as i4' added when the metadata says its values are narrower."""
     if v is None:
         return "-"
-    return str(v.type) if v.type is not None else "?"
+    text = str(v.type) if v.type is not None else "?"
+    true = (true_types or {}).get(v.name)
+    if true and isinstance(v.type, TensorType) and str(v.type.dtype) != true:
+        text += f" as {true}"
+    return text
 
 
 def _io(v: Value) -> Dict[str, str]:
@@ -94,6 +99,8 @@ def summarize(model: Model) -> ModelSummary:
                        if isinstance(v.type, TensorType) and v.type.shape
                        for d in v.type.shape if isinstance(d, str)})
 
+    true_types = _true_types(model)
+
     def add_params(t: Tensor) -> None:
         entry = by_dtype.setdefault(str(t.dtype), {"count": 0, "bytes": 0})
         entry["count"] += _numel(t)
@@ -116,7 +123,8 @@ def summarize(model: Model) -> ModelSummary:
                 total += macs
             rows.append(NodeRow(
                 name=n.name, op=n.op_type if not n.domain else f"{n.domain}::{n.op_type}",
-                inputs=[_type_text(v) for v in n.inputs], outputs=[_type_text(v) for v in n.outputs],
+                inputs=[_type_text(v, true_types) for v in n.inputs],
+                outputs=[_type_text(v, true_types) for v in n.outputs],
                 params=params, macs=macs,
             ))
     return ModelSummary(
@@ -138,17 +146,26 @@ def summarize(model: Model) -> ModelSummary:
     )
 
 
-_BITS_KEY = "qcompile.weight_bits"  # written by the quantize pass: {tensor: true type}
+# {tensor: true type} for tensors narrower than their container: weights (quantize,
+# lower-integer) and activations (lower-integer)
+_BITS_KEYS = ("qcompile.weight_bits", "qcompile.activation_bits")
+
+
+def _true_types(model: Model) -> Dict[str, str]:
+    found: Dict[str, str] = {}
+    for key in _BITS_KEYS:
+        try:
+            found.update(json.loads(model.metadata_props.get(key, "{}")))
+        except ValueError:
+            pass
+    return found
 
 
 def _quantized_tensors(model: Model) -> List[Dict[str, object]]:
     """One row per DequantizeLinear of the main graph: which float tensor it stands for,
     its role, integer type (the true width when narrower than its container), scale,
     zero point and axis."""
-    try:
-        true_types = json.loads(model.metadata_props.get(_BITS_KEY, "{}"))
-    except ValueError:
-        true_types = {}
+    true_types = _true_types(model)
     rows = []
     for n in model.graph.nodes:
         if n.op_type != "DequantizeLinear" or n.domain not in ("", "ai.onnx", "com.microsoft"):
