@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Dict
 
 from ..isa import Buf, DTYPE_BITS, DType, Instr, Op
-from .timing import dma_bytes, vector_elements
+from .timing import dma_bytes, dram_bytes, vector_elements
 
 __all__ = ["Cost", "instruction_cost"]
 
@@ -49,10 +49,9 @@ def instruction_cost(ins: Instr, target) -> Cost:
     op = ins.op
     e = target.energy
     if op in (Op.LOAD, Op.STORE):
-        nbytes = dma_bytes(ins)
-        c.dram_bytes = nbytes
-        c.energy["dram"] = nbytes * e.dram_pj_per_byte
-        _sram(c, target, a["buf"], nbytes)
+        c.dram_bytes = dram_bytes(ins)
+        c.energy["dram"] = c.dram_bytes * e.dram_pj_per_byte
+        _sram(c, target, a["buf"], dma_bytes(ins))
     elif op == Op.MATMUL:
         m, k, n = a["m0"] * a["m1"], a["k0"] * a["k1"] * a["k2"], a["n"]
         rows, cols = target.matrix.rows, target.matrix.cols

@@ -6,7 +6,7 @@ the wait beyond the unit's free time is a stall. One pass in program order compu
 every start and end time (no cycle-by-cycle stepping): producers precede consumers.
 
 Durations (cycles):
-  LOAD/STORE  DRAM latency + ceil(bytes / DRAM bytes per cycle)
+  LOAD/STORE  DRAM latency + ceil(DRAM bytes / DRAM bytes per cycle)
   MATMUL      on an R x C array for an M x K by K x N tile (SCALE-Sim 3.0's model):
               output-stationary: ceil(M/R) ceil(N/C) K, plus ceil(M/R) ceil(N/C) (R + C - 2)
                 for the instruction that starts an output tile (fill = 1);
@@ -30,7 +30,7 @@ import numpy as np
 
 from ..isa import DTYPE_BITS, DType, Instr, Op, SPECS, Unit
 
-__all__ = ["Timeline", "instruction_cycles", "schedule", "matmul_cycles", "vector_elements"]
+__all__ = ["Timeline", "instruction_cycles", "schedule", "matmul_cycles", "vector_elements", "dma_bytes", "dram_bytes"]
 
 
 def matmul_cycles(m: int, k: int, n: int, rows: int, cols: int, dataflow: str, fill: bool) -> int:
@@ -57,14 +57,28 @@ def vector_elements(ins: Instr) -> int:
 
 
 def dma_bytes(ins: Instr) -> int:
+    """Bytes a LOAD or STORE writes into SRAM or DRAM."""
     a = ins.args
     return a["n0"] * a["n1"] * a["n2"] * max(1, DTYPE_BITS[DType(a["dtype"])] // 8)
+
+
+def dram_bytes(ins: Instr) -> int:
+    """DRAM bytes a LOAD or STORE moves: a broadcasting LOAD (stride 0) reads each
+    source element once."""
+    a = ins.args
+    if ins.op == Op.STORE:
+        return dma_bytes(ins)
+    count = 1
+    for d, s in ((a["n0"], a["s0"]), (a["n1"], a["s1"]), (a["n2"], a["s2"])):
+        if s != 0:
+            count *= d
+    return count * max(1, DTYPE_BITS[DType(a["dtype"])] // 8)
 
 
 def instruction_cycles(ins: Instr, target) -> int:
     op = ins.op
     if op in (Op.LOAD, Op.STORE):
-        return target.dram_latency_cycles + math.ceil(dma_bytes(ins) / target.dram_bytes_per_cycle)
+        return target.dram_latency_cycles + math.ceil(dram_bytes(ins) / target.dram_bytes_per_cycle)
     if op == Op.MATMUL:
         a = ins.args
         return matmul_cycles(a["m0"] * a["m1"], a["k0"] * a["k1"] * a["k2"], a["n"], target.matrix.rows,
