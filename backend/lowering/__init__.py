@@ -107,7 +107,7 @@ def _place_tensors(plan: Plan):
         touch(spec["value"], -1)
     for i, layer in enumerate(plan.layers):
         for v in list(layer.inputs) + list(layer.outputs):
-            if v is not None and v.const_value is None:
+            if v is not None and not plan.is_const(v):
                 touch(v, i)
     for spec in plan.outputs:
         touch(spec["value"], n_layers)
@@ -128,7 +128,7 @@ def _place_tensors(plan: Plan):
     # every value (aliases included) maps to a slot; an alias gets its own table entry
     for layer in plan.layers:
         for v in list(layer.inputs) + list(layer.outputs):
-            if v is None or v.const_value is not None or id(v) in slots:
+            if v is None or plan.is_const(v) or id(v) in slots:
                 continue
             r = find(v)
             idx = index_of[id(r)]
@@ -162,7 +162,7 @@ def _interface(spec, slots) -> dict:
 
 
 def _layer_record(layer: Layer, plan: Plan) -> dict:
-    shapes = [list(plan.shapes.get(id(v), ())) for v in layer.inputs if v is not None and v.const_value is None]
+    shapes = [list(plan.shapes.get(id(v), ())) for v in layer.inputs if v is not None and not plan.is_const(v)]
     return {"name": layer.name, "op": layer.op_type, "kind": layer.kind, "unit": _UNIT_OF[layer.kind],
             "inputs": shapes, "output": list(plan.shapes.get(id(layer.outputs[0]), ())),
             "precision": layer.attrs.get("precision", "-"), "macs": int(layer.attrs.get("macs", 0)),

@@ -46,9 +46,9 @@ def host_model(ctx: Context, nodes, inputs: List, outputs: List, shapes: Dict[in
     inits, seen = [], set()
     for n in nodes:
         for v in n.inputs:
-            if v is not None and v.const_value is not None and v.name not in seen:
+            if v is not None and ctx.plan.is_const(v) and v.name not in seen:
                 seen.add(v.name)
-                inits.append(numpy_helper.from_array(np.asarray(v.const_value), v.name))
+                inits.append(numpy_helper.from_array(ctx.plan.const(v), v.name))
 
     def info(v):
         dt = helper.np_dtype_to_tensor_dtype(np.dtype(dtypes[id(v)]))
@@ -63,7 +63,7 @@ def host_model(ctx: Context, nodes, inputs: List, outputs: List, shapes: Dict[in
 
 def lower_host(ctx: Context, layer: Layer, host_ops: List[HostOp], shapes, dtypes) -> None:
     node = layer.node
-    acts = [v for v in node.inputs if v is not None and v.const_value is None]
+    acts = [v for v in node.inputs if v is not None and not ctx.plan.is_const(v)]
     ins = list(dict.fromkeys(acts))  # unique, in order
     data = host_model(ctx, [node], ins, list(node.outputs), shapes, dtypes)
     kind = "integer" if node.domain == DOMAIN else "onnx"

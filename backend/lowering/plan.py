@@ -69,6 +69,13 @@ class Plan:
     inputs: List[Dict[str, Any]]    # interface: graph input -> quantized tensor
     outputs: List[Dict[str, Any]]
     weight_bits: Dict[str, int]
+    static: Dict[int, np.ndarray] = field(default_factory=dict)  # shape computations folded at compile time
+
+    def is_const(self, v: Optional[Value]) -> bool:
+        return v is not None and (v.const_value is not None or id(v) in self.static)
+
+    def const(self, v: Value) -> np.ndarray:
+        return np.asarray(v.const_value) if v.const_value is not None else self.static[id(v)]
 
 
 def _is_const(v: Optional[Value]) -> bool:
@@ -133,8 +140,9 @@ def plan_layers(model: Model) -> Plan:
         raw_bits = {}
     weight_bits = {k: _bits_of(k, raw_bits, np.int8) for k in raw_bits}
 
+    static = _static_values(g, env, by_name)
     layers: List[Layer] = []
-    consumed: Set[int] = set()          # nodes folded into the interface or a LUT
+    consumed: Set[int] = {id(n) for n in g.nodes if all(id(o) in static for o in n.outputs)}
     inputs_spec, outputs_spec = [], []
     graph_outputs = {id(v) for v in g.outputs}
 
@@ -181,17 +189,43 @@ def plan_layers(model: Model) -> Plan:
             continue
         if id(node) in consumed:
             continue
-        layers.append(_classify(node, shapes, dtypes, weight_bits))
-    return Plan(layers, shapes, dtypes, inputs_spec, outputs_spec, weight_bits)
+        layers.append(_classify(node, shapes, dtypes, weight_bits, static))
+    return Plan(layers, shapes, dtypes, inputs_spec, outputs_spec, weight_bits, static)
+
+
+_NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                               "Bernoulli", "Dropout"})
+
+
+def _static_values(g, env, by_name) -> Dict[int, np.ndarray]:
+    """Values that do not depend on the data: shape computations (Shape, Size, and ops
+    on constants and shapes) are fixed once shapes are static; folded at compile time
+    with the values the reference computed."""
+    static: Dict[int, np.ndarray] = {}
+    outputs = {id(v) for v in g.outputs}
+    for node in g.nodes:
+        if node.domain not in ("", "ai.onnx") or node.op_type in _NONDETERMINISTIC or any(True for _ in node.subgraphs()):
+            continue
+        if node.op_type in ("Shape", "Size"):
+            ok = True
+        else:
+            ins = [v for v in node.inputs if v is not None]
+            ok = all(v.const_value is not None or id(v) in static for v in ins) and (ins or node.op_type == "Constant")
+        if ok and all(o.name in env and id(o) not in outputs for o in node.outputs):
+            for o in node.outputs:
+                static[id(o)] = np.asarray(env[o.name])
+    return static
 
 
 def _opt(node: Node, i: int) -> Optional[Value]:
     return node.inputs[i] if len(node.inputs) > i else None
 
 
-def _classify(node: Node, shapes, dtypes, weight_bits) -> Layer:
+def _classify(node: Node, shapes, dtypes, weight_bits, static) -> Layer:
     name = node.name or node.outputs[0].name
     ins, outs = list(node.inputs), list(node.outputs)
+    if any(id(v) in static for v in ins if v is not None) and node.domain == DOMAIN:
+        return _host(node, "an operand computed from shapes")
     if node.domain == DOMAIN:
         op = node.op_type
         if op == QCONV:
@@ -233,7 +267,7 @@ def _classify(node: Node, shapes, dtypes, weight_bits) -> Layer:
                 return _host(node, "MaxPool auto_pad")
             return Layer("pool", name, "MaxPool", node, ins, outs, {"mode": "max"})
         if integer and node.op_type in ("Transpose", "Concat"):
-            if node.op_type == "Concat" and any(_is_const(v) for v in ins):
+            if node.op_type == "Concat" and any(_is_const(v) or id(v) in static for v in ins):
                 return _host(node, "Concat of a constant")
             return Layer("move", name, node.op_type, node, ins, outs)
     return _host(node, "no rain-sim unit runs this op")

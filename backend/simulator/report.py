@@ -98,7 +98,7 @@ def format_report(rep: Dict[str, Any]) -> str:
     lines = [f"rain-sim report: target {rep['target']} ({rep['array']}, {rep['clock_mhz']:g} MHz), "
              f"per inference ({rep['samples']} simulated)", head, "-" * len(head)]
     for i, l in enumerate(rep["layers"]):
-        if l["unit"] == "-":
+        if l["unit"] in ("-", "host"):
             continue
         c = l["cycles"]
         util = f"{100 * l['utilization']:.0f}%" if l["utilization"] is not None else "-"
@@ -120,6 +120,10 @@ def format_report(rep: Dict[str, Any]) -> str:
         f"SRAM {e['sram'] / 1e3:.2f} nJ + DRAM {e['dram'] / 1e3:.2f} nJ + static {e['static'] / 1e3:.2f} nJ",
     ]
     if rep["host_ops"]:
-        lines.append(f"host ops ({len(rep['host_ops'])}, not in the cycle count): " +
-                     ", ".join(f"{h['op']} {h['name']} ({h['reason']})" for h in rep["host_ops"]))
+        counts: Dict[str, int] = {}
+        for h in rep["host_ops"]:
+            counts[h["op"]] = counts.get(h["op"], 0) + 1
+        lines.append(f"host ops ({len(rep['host_ops'])}, run on the host, not in the cycle count): " +
+                     ", ".join(f"{n} {op}" for op, n in sorted(counts.items(), key=lambda kv: -kv[1])) +
+                     " (each with its reason in --report-json)")
     return "\n".join(lines) + "\n"

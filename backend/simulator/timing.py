@@ -128,7 +128,7 @@ def schedule(instrs: List[Instr], target) -> Timeline:
                 ready = max(ready, q.popleft())
         dur = instruction_cycles(ins, target)
         start[i] = ready
-        stall[i] = ready - free[u]
+        stall[i] = ready - free[u] if u != Unit.HOST else 0  # the host idles, it does not stall
         end[i] = ready + dur
         free[u] = end[i]
         for v in range(4):
