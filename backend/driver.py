@@ -85,11 +85,11 @@ def run_program_file(program_path: str, input_path: str, target_spec: Optional[s
                            f"give --target FILE.toml ({e})") from None
     program.check_target(target, program_path)
     data = _load_npz(input_path, "--input")
-    feeds = {s["name"]: data[s["name"]] for s in program.inputs if s["name"] in data}
     try:
-        n = check_feeds(program, feeds)
+        n = check_feeds(program, data)
     except ProgramError as e:
         raise ProgramError(f"--input {input_path}: {e}") from None
+    feeds = {s["name"]: data[s["name"]] for s in program.inputs}
     outs: Dict[str, List[np.ndarray]] = {s["name"]: [] for s in program.outputs}
     report = None
     for start in range(0, n, batch):

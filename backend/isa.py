@@ -269,7 +269,7 @@ def format_asm(instrs: Sequence[Instr]) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-_TOKEN = re.compile(r"^([a-z_0-9]+)=(-?\w+)$")
+_TOKEN = re.compile(r"^([a-z_0-9]+)=(-|-?\w+)$")
 
 
 def parse_asm(text: str) -> List[Instr]:
