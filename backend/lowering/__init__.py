@@ -20,7 +20,7 @@ from ..isa import Buf, DType, dtype_code, encode, format_asm
 from ..program import Program, TensorSlot
 from ._alloc import allocate
 from .context import Context, Slot
-from .emitter import Emitter
+from .emitter import Emitter, verify_tokens
 from .host import lower_host
 from .matrix import lower_conv, lower_gemm
 from .plan import Layer, LoweringError, Plan, plan_layers
@@ -33,8 +33,10 @@ _UNIT_OF = {"conv": "matrix", "gemm": "matrix", "dwconv": "vector", "pool": "vec
             "move": "dma", "host": "host", "alias": "-"}
 
 
-def compile_program(model, target, dump: Optional[Callable[[str, str], None]] = None) -> Program:
-    """Lower `model` (a qcompile Model holding an integer graph) for `target`."""
+def compile_program(model, target, dump: Optional[Callable[[str, str], None]] = None,
+                    check_tokens: bool = False) -> Program:
+    """Lower `model` (a qcompile Model holding an integer graph) for `target`.
+    `check_tokens` re-verifies every memory hazard against the tokens (slow; tests)."""
     plan = plan_layers(model)
     if dump:
         dump("partition", _format_partition(plan))
@@ -66,6 +68,10 @@ def compile_program(model, target, dump: Optional[Callable[[str, str], None]] = 
         dump("schedule", "\n".join(ctx.schedule) + "\n")
         dump("allocation", _format_allocation(tensors, arena, emitter))
     instrs = emitter.finish(arena)
+    if check_tokens:
+        problems = verify_tokens(instrs, emitter.physical)
+        if problems:
+            raise LoweringError(f"internal error (a bug): {len(problems)} unordered hazards, first: {problems[0]}")
     if dump:
         dump("instructions", format_asm(instrs))
     program = Program(

@@ -18,7 +18,7 @@ from ..isa import Buf, DType, DTYPE_BITS, Instr, Op, SPECS, Space, Unit
 from ._alloc import allocate
 from ._deps import insert_tokens
 
-__all__ = ["Ref", "Emitter", "OutOfSram", "MEM_DRAM"]
+__all__ = ["Ref", "Emitter", "OutOfSram", "MEM_DRAM", "verify_tokens"]
 
 MEM_DRAM = 3                   # footprint memory id of the DRAM activation arena
 _LINE = (64, 64, 16, 64)       # dependency tracking granularity per memory (units)
@@ -126,7 +126,9 @@ class Emitter:
         for j in range(n):
             self.instrs[j].wait = int(wait[j])
             self.instrs[j].signal = int(signal[j])
+        self.physical = arr
         return self.instrs
+
 
     # -- instructions ---------------------------------------------------------------
     def _add(self, op: Op, layer: int, foot, **args) -> Instr:
@@ -229,3 +231,59 @@ class Emitter:
     @property
     def units(self) -> List[Unit]:
         return [SPECS[i.op].unit for i in self.instrs]
+
+
+def verify_tokens(instrs: Sequence[Instr], footprints: np.ndarray) -> List[str]:
+    """Independent check of the dependency tokens: every pair of instructions on
+    different units that touch the same memory line, one of them writing, must be
+    ordered by program order on one unit plus FIFO-matched tokens (vector clocks).
+    `footprints` rows are (instr, mem, lo, hi, write). Returns the violations."""
+    n = len(instrs)
+    units = [int(SPECS[i.op].unit) for i in instrs]
+    seq = [0] * n
+    count = [0, 0, 0, 0]
+    clock = np.zeros((n, 4), np.int64)          # clock[j][u]: unit u's instructions known done, +1
+    last_on = [-1, -1, -1, -1]
+    queues = {(a, b): [] for a in range(4) for b in range(4)}
+    problems: List[str] = []
+    for j, ins in enumerate(instrs):
+        u = units[j]
+        count[u] += 1
+        seq[j] = count[u]
+        c = clock[last_on[u]].copy() if last_on[u] >= 0 else np.zeros(4, np.int64)
+        for v in range(4):
+            if ins.wait >> v & 1:
+                if not queues[(v, u)]:
+                    problems.append(f"instruction {j} waits for a token {Unit(v).name} never pushed")
+                    continue
+                c = np.maximum(c, clock[queues[(v, u)].pop(0)])
+        c[u] = seq[j]
+        clock[j] = c
+        last_on[u] = j
+        for v in range(4):
+            if ins.signal >> v & 1:
+                queues[(u, v)].append(j)
+    by_instr: Dict[int, List[Tuple[int, int, int, bool]]] = {}
+    for j, mem, lo, hi, w in footprints.tolist():
+        by_instr.setdefault(j, []).append((mem, lo // _LINE[mem], (hi - 1) // _LINE[mem], bool(w)))
+    last_write: Dict[Tuple[int, int], int] = {}
+    reads: Dict[Tuple[int, int], List[int]] = {}
+    for j in range(n):
+        for mem, l0, l1, w in by_instr.get(j, []):
+            for line in range(l0, l1 + 1):
+                key = (mem, line)
+                before = [last_write[key]] if key in last_write else []
+                if w:
+                    before += reads.get(key, [])
+                for i in before:
+                    if units[i] != units[j] and clock[j][units[i]] < seq[i]:
+                        problems.append(f"instruction {j} ({instrs[j].op.name}) is not ordered after {i} "
+                                        f"({instrs[i].op.name}) on memory {mem} line {line}")
+        for mem, l0, l1, w in by_instr.get(j, []):
+            for line in range(l0, l1 + 1):
+                if w:
+                    last_write[(mem, line)] = j
+                    reads[(mem, line)] = []
+                else:
+                    reads.setdefault((mem, line), []).append(j)
+    return problems

@@ -48,8 +48,8 @@ class Machine:
     def __init__(self, program: Program, target, n: int):
         self.program = program
         self.n = n
-        self.const = np.frombuffer(program.const, dtype=np.uint8)[None, :] if program.const else \
-            np.zeros((1, 8), np.uint8)
+        self.const = np.zeros((1, _round8(len(program.const))), np.uint8)
+        self.const[0, :len(program.const)] = np.frombuffer(program.const, dtype=np.uint8)
         self.arena = np.zeros((n, _round8(program.arena_size)), np.uint8)
         self.act = np.zeros((n, _round8(target.sram["activation"].size_bytes)), np.uint8)
         self.wgt = np.zeros((1, _round8(target.sram["weight"].size_bytes)), np.uint8)
