@@ -89,6 +89,11 @@ def _const(v: Optional[Value]) -> Optional[np.ndarray]:
 def _bits_of(name: str, table: Dict[str, Any], dtype) -> int:
     """True bit width of a weight tensor (the quantize pass records it)."""
     t = str(table.get(name, "")).lower()
+    import re
+
+    m = re.fullmatch(r"u?int(\d+)|[iu](\d+)", t)
+    if m:
+        return int(m.group(1) or m.group(2))
     widths = {"int8": 8, "uint8": 8, "int4": 4, "uint4": 4, "int3": 3, "int2": 2, "ternary": 2, "binary": 1,
               "bipolar": 1}
     for k, b in widths.items():

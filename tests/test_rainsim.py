@@ -1,0 +1,323 @@
+"""rain-sim end to end: lowering + simulation are bit-identical to the integer reference
+(op by op over random shapes, on three targets including one with tiny buffers that
+forces tiling, and on whole models); tokens order every hazard; timing and energy
+follow their closed forms."""
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+import qcompile
+from qcompile.backend.isa import Op
+from qcompile.backend.lowering import compile_program
+from qcompile.backend.program import Program
+from qcompile.backend.reference import run_integer_graph
+from qcompile.backend.simulator import simulate
+from qcompile.backend.simulator.timing import instruction_cycles, matmul_cycles
+from qcompile.backend.target import Target, load_target
+from qcompile.onnx_io import from_proto, load
+
+F = TensorProto.FLOAT
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+RNG = np.random.default_rng(0)
+
+
+def _target(name="tiny", **changes):
+    d = load_target("rain-sim").to_dict()
+    d["name"] = name
+    d["matrix"].update(rows=8, cols=8)
+    d["sram"]["activation"]["size_kib"] = 2
+    d["sram"]["weight"]["size_kib"] = 1
+    d["sram"]["accumulator"]["size_kib"] = 1
+    for key, value in changes.items():
+        section, field = key.split("__")
+        d[section][field] = value
+    return Target.from_dict(d, "test")
+
+
+TARGETS = {"rain-sim": load_target("rain-sim"), "rain-sim-ws": load_target("rain-sim-ws"), "tiny": _target(),
+           "tiny-ws": _target("tiny-ws", matrix__dataflow="weight-stationary")}
+
+
+def _integer(proto, calib, pipeline="quantize"):
+    model = from_proto(proto)
+    model.annotations["calibration_data"] = calib
+    return qcompile.PassManager.parse(f"fold,calibrate{{progress=false}},{pipeline},lower-integer").run(model).model
+
+
+def _samples(shapes, n, rng=RNG):
+    return {k: rng.standard_normal((n,) + tuple(s)).astype(np.float32) for k, s in shapes.items()}
+
+
+def _check(int_model, feeds, target_name, expect_ops=None):
+    """Compile, go through the file format, simulate all samples at once, and compare
+    every output bit for bit with the integer reference run sample by sample."""
+    target = TARGETS[target_name]
+    prog = compile_program(int_model, target, check_tokens=True)
+    prog = Program.from_bytes(prog.to_bytes())
+    if expect_ops is not None:
+        assert {l["kind"] for l in prog.layers} >= set(expect_ops), [l["kind"] for l in prog.layers]
+    res = simulate(prog, target, feeds)
+    n = next(iter(feeds.values())).shape[0]
+    for i in range(n):
+        ref = run_integer_graph(int_model, {k: v[i] for k, v in feeds.items()})
+        for name, want in ref.items():
+            got = res.outputs[name][i]
+            assert got.dtype == want.dtype and got.shape == want.shape
+            assert np.array_equal(got, want), f"{name} sample {i}: {np.count_nonzero(got != want)} elements differ"
+    return prog, res
+
+
+def _model(nodes, inputs, output_shape, inits=(), opset=17):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, F, s) for n, s in inputs],
+                              [helper.make_tensor_value_info("y", F, output_shape)],
+                              [numpy_helper.from_array(a, n) for n, a in inits])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+# -- convolutions --------------------------------------------------------------------------
+@st.composite
+def conv_cases(draw):
+    c = draw(st.integers(1, 12))
+    kind = draw(st.sampled_from(["dense", "depthwise", "grouped"]))
+    group = c if kind == "depthwise" else 1
+    if kind == "grouped":
+        c = 2 * max(c // 2, 1)
+        group = 2
+    m = c if kind == "depthwise" else group * draw(st.integers(1, 20))
+    k = draw(st.integers(1, 3))
+    stride = draw(st.integers(1, 2))
+    dil = draw(st.integers(1, 2))
+    pad = draw(st.integers(0, k - 1)) if k > 1 else 0
+    h = draw(st.integers(max(3, (k - 1) * dil + 1), 12))
+    w = draw(st.integers(max(3, (k - 1) * dil + 1), 12))
+    relu = draw(st.booleans())
+    target = draw(st.sampled_from(sorted(TARGETS)))
+    return c, m, h, w, k, stride, dil, pad, group, relu, target
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases())
+def test_conv_bit_exact_over_random_shapes(case):
+    c, m, h, w, k, stride, dil, pad, group, relu, target = case
+    wt = (RNG.standard_normal((m, c // group, k, k)) * 0.3).astype(np.float32)
+    b = RNG.standard_normal(m).astype(np.float32) * 0.1
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c" if relu else "y"], kernel_shape=[k, k],
+                              strides=[stride] * 2, dilations=[dil] * 2, pads=[pad] * 4, group=group)]
+    if relu:
+        nodes.append(helper.make_node("Relu", ["c"], ["y"]))
+    proto = _model(nodes, [("x", [1, c, h, w])], None, [("w", wt), ("b", b)])
+    calib = [{"x": x} for x in _samples({"x": (1, c, h, w)}, 8)["x"]]
+    int_model = _integer(proto, calib)
+    feeds = _samples({"x": (1, c, h, w)}, 3)
+    kind = "dwconv" if group == c == m and c > 1 else "conv"
+    _check(int_model, feeds, target, expect_ops=[kind])
+
+
+@pytest.mark.parametrize("weights", ["int4", "int2", "ternary", "binary"])
+@pytest.mark.parametrize("target", ["rain-sim", "tiny"])
+def test_low_bit_weights_are_packed_and_exact(weights, target):
+    c, m = 6, 20
+    wt = (RNG.standard_normal((m, c, 3, 3)) * 0.3).astype(np.float32)
+    proto = _model([helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], pads=[1] * 4)],
+                   [("x", [1, c, 7, 7])], None, [("w", wt)])
+    calib = [{"x": x} for x in _samples({"x": (1, c, 7, 7)}, 8)["x"]]
+    int_model = _integer(proto, calib, f"quantize{{weights={weights}}}")
+    prog, res = _check(int_model, _samples({"x": (1, c, 7, 7)}, 2), target)
+    wtype = {"int4": "INT4", "int2": "INT2", "ternary": "INT2", "binary": "BINARY"}[weights]
+    assert prog.layers[0]["weight_type"] == wtype
+    per_byte = {"INT4": 2, "INT2": 4, "BINARY": 8}[wtype]
+    assert len(prog.const) < m * c * 9 // per_byte + 1024  # packed, not int8
+    mac = res.report["layers"][0]["energy_pj"]["mac"]
+    e = TARGETS[target].energy
+    assert mac == pytest.approx(res.report["layers"][0]["macs"] * e.mac(
+        {"INT4": "int4", "INT2": "int2", "BINARY": "binary"}[wtype]), rel=1e-3)
+
+
+# -- GEMM and MatMul ------------------------------------------------------------------------
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 70), st.integers(1, 40), st.integers(1, 3), st.sampled_from(sorted(TARGETS)))
+def test_gemm_bit_exact(k, n, rows, target):
+    wt = (RNG.standard_normal((n, k)) * 0.2).astype(np.float32)
+    b = RNG.standard_normal(n).astype(np.float32)
+    proto = _model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], [("x", [rows, k])], None,
+                   [("w", wt), ("b", b)])
+    calib = [_samples({"x": (rows, k)}, 1)["x"][0] for _ in range(8)]
+    int_model = _integer(proto, [{"x": x} for x in calib])
+    _check(int_model, _samples({"x": (rows, k)}, 3), target, expect_ops=["gemm"])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 3), st.integers(2, 12), st.integers(1, 20), st.sampled_from(sorted(TARGETS)))
+def test_matmul_of_two_activations_bit_exact(heads, seq, dim, target):
+    """Attention's Q @ K^T: both operands are activations (the second goes to the weight buffer)."""
+    proto = _model([helper.make_node("MatMul", ["q", "k"], ["y"])], [("q", [1, heads, seq, dim]),
+                                                                       ("k", [1, heads, dim, seq])], None)
+    calib = [{"q": q, "k": kk} for q, kk in zip(_samples({"q": (1, heads, seq, dim)}, 8)["q"],
+                                                 _samples({"k": (1, heads, dim, seq)}, 8)["k"])]
+    int_model = _integer(proto, calib)
+    feeds = {**_samples({"q": (1, heads, seq, dim)}, 2), **_samples({"k": (1, heads, dim, seq)}, 2)}
+    _check(int_model, feeds, target, expect_ops=["gemm"])
+
+
+# -- pointwise, pooling, tables and data movement ---------------------------------------------
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["Add", "Mul"]), st.integers(1, 9), st.integers(1, 9), st.integers(1, 9),
+       st.sampled_from(["same", "channel", "spatial", "scalar"]), st.sampled_from(sorted(TARGETS)))
+def test_add_mul_with_broadcasting_bit_exact(op, c, h, w, bcast, target):
+    other = {"same": [1, c, h, w], "channel": [1, c, 1, 1], "spatial": [1, 1, h, w], "scalar": [1, 1, 1, 1]}[bcast]
+    proto = _model([helper.make_node(op, ["a", "b"], ["y"])], [("a", [1, c, h, w]), ("b", other)], None)
+    calib = [{"a": a, "b": b} for a, b in zip(_samples({"a": (1, c, h, w)}, 8)["a"], _samples({"b": other}, 8)["b"])]
+    int_model = _integer(proto, calib)
+    feeds = {**_samples({"a": (1, c, h, w)}, 3), **_samples({"b": other}, 3)}
+    _check(int_model, feeds, target, expect_ops=["pointwise"])
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 10), st.integers(2, 13), st.integers(2, 13), st.integers(1, 3), st.integers(1, 3),
+       st.integers(0, 1), st.integers(0, 1), st.sampled_from(sorted(TARGETS)))
+def test_max_pool_bit_exact(c, h, w, k, s, pad, ceil, target):
+    k = min(k, h, w)
+    pad = min(pad, k - 1)
+    proto = _model([helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1]),
+                    helper.make_node("MaxPool", ["c"], ["y"], kernel_shape=[k, k], strides=[s, s], pads=[pad] * 4,
+                                     ceil_mode=ceil)],
+                   [("x", [1, c, h, w])], None, [("w", RNG.standard_normal((c, c, 1, 1)).astype(np.float32))])
+    int_model = _integer(proto, [{"x": x} for x in _samples({"x": (1, c, h, w)}, 8)["x"]])
+    _check(int_model, _samples({"x": (1, c, h, w)}, 3), target, expect_ops=["pool"])
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_average_pools_tables_transpose_concat_bit_exact(target):
+    c, h, w = 6, 9, 7
+    wt = RNG.standard_normal((c, c, 3, 3)).astype(np.float32) * 0.3
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["a"], kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Sigmoid", ["a"], ["s"]),                       # a lookup table
+        helper.make_node("Tanh", ["a"], ["t"]),                          # another
+        helper.make_node("Concat", ["s", "t"], ["cat"], axis=1),
+        helper.make_node("AveragePool", ["cat"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Transpose", ["p"], ["tp"], perm=[0, 2, 3, 1]),
+        helper.make_node("Flatten", ["tp"], ["f"], axis=1),
+        helper.make_node("GlobalAveragePool", ["cat"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["gf"], axis=1),
+        helper.make_node("Concat", ["f", "gf"], ["y"], axis=1),
+    ]
+    proto = _model(nodes, [("x", [1, c, h, w])], None, [("w", wt)])
+    int_model = _integer(proto, [{"x": x} for x in _samples({"x": (1, c, h, w)}, 8)["x"]])
+    prog, _ = _check(int_model, _samples({"x": (1, c, h, w)}, 3), target)
+    ops = [l["op"] for l in prog.layers]
+    assert sum(o.startswith("LUT:") for o in ops) == 2, ops
+    assert "QAveragePool" in ops and "Transpose" in ops and ops.count("Concat") == 2
+    assert not [l for l in prog.layers if l["unit"] == "host"]
+
+
+# -- whole models ---------------------------------------------------------------------------
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_digits_example_bit_exact_on_every_target(target):
+    model = load(os.path.join(EXAMPLES, "digits_cnn.onnx"))
+    calib = np.load(os.path.join(EXAMPLES, "digits_calib.npz"))["input"]
+    model.annotations["calibration_data"] = [{"input": x} for x in calib]
+    int_model = qcompile.PassManager.parse("fold,calibrate{progress=false},quantize,lower-integer").run(model).model
+    data = np.load(os.path.join(EXAMPLES, "digits_eval.npz"))
+    prog, res = _check(int_model, {"input": data["input"][:16]}, target)
+    full = simulate(prog, TARGETS[target], {"input": data["input"]})
+    acc = (full.outputs["logits"].reshape(300, 10).argmax(1) == data["label"]).mean()
+    assert acc >= 0.975  # the float model: 98.33%
+    assert all(l["unit"] != "host" for l in prog.layers)
+
+
+def _torch_integer(name):
+    pytest.importorskip("torch")
+    import torch
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from torch_models import BUILDERS
+
+    module, args = BUILDERS[name]()
+    names = ["x", "mask"][:len(args)]
+    model = qcompile.from_torch(module, args, input_names=names, output_names=["y"],
+                                dynamic_axes={**{n: {0: "N"} for n in names}, "y": {0: "N"}})
+    gen = torch.Generator().manual_seed(0)
+
+    def data(n):
+        d = {"x": torch.randn(n, 1, *args[0].shape[1:], generator=gen).numpy()}
+        if len(args) > 1:
+            mask = np.zeros((n, 1, args[1].shape[1]), bool)
+            mask[::2, :, 4:] = True
+            d["mask"] = mask
+        return d
+
+    calib = data(16)
+    model.annotations["calibration_data"] = [{k: v[i] for k, v in calib.items()} for i in range(16)]
+    int_model = qcompile.PassManager.parse("fold,calibrate{progress=false},quantize,lower-integer").run(model).model
+    return int_model, data(4)
+
+
+@pytest.mark.filterwarnings("ignore:calibrate. non-finite")
+@pytest.mark.parametrize("name, target", [("resnet", "tiny"), ("mobilenet", "rain-sim-ws"),
+                                          ("transformer", "rain-sim"), ("lstm", "rain-sim")])
+def test_torch_models_bit_exact(name, target):
+    int_model, feeds = _torch_integer(name)
+    prog, res = _check(int_model, feeds, target)
+    kinds = {l["kind"] for l in prog.layers}
+    if name in ("resnet", "mobilenet"):
+        assert "conv" in kinds and res.report["total"]["macs"] > 0
+    if name == "mobilenet":
+        assert "dwconv" in kinds
+    if name == "transformer":   # attention and FFN matmuls on the matrix unit, GELU as tables
+        assert sum(l["op"] in ("QMatMul", "QGemm") for l in prog.layers) >= 10
+        assert any(l["op"].startswith("LUT:") for l in prog.layers)
+    if name == "lstm":
+        assert any(l["op"] == "LSTM" and l["unit"] == "host" for l in prog.layers)
+
+
+# -- timing and energy ------------------------------------------------------------------------
+@pytest.mark.parametrize("dataflow", ["output-stationary", "weight-stationary"])
+@pytest.mark.parametrize("m, k, n", [(64, 27, 16), (196, 576, 64), (5, 300, 70)])
+def test_single_tile_gemm_cycles_follow_scalesim_closed_forms(dataflow, m, k, n):
+    r = c = 32
+    cycles = matmul_cycles(m, k, n, r, c, dataflow, fill=True)
+    if dataflow == "output-stationary":
+        scalesim = math.ceil(m / r) * math.ceil(n / c) * (k + r + c - 2) - 1
+    else:
+        scalesim = math.ceil(k / r) * math.ceil(n / c) * (m + 2 * r + c - 2) - 1
+    assert cycles == scalesim + 1
+
+
+def test_output_stationary_k_chunks_add_up_to_one_tile():
+    """Splitting K into chunks (fill only on the first) costs what one instruction costs."""
+    whole = matmul_cycles(100, 300, 40, 32, 32, "output-stationary", True)
+    parts = matmul_cycles(100, 128, 40, 32, 32, "output-stationary", True) + \
+        matmul_cycles(100, 128, 40, 32, 32, "output-stationary", False) + \
+        matmul_cycles(100, 44, 40, 32, 32, "output-stationary", False)
+    assert parts == whole
+
+
+def test_timeline_overlaps_units_and_energy_adds_up():
+    model = load(os.path.join(EXAMPLES, "digits_cnn.onnx"))
+    model.annotations["calibration_data"] = [{"input": x} for x in np.load(
+        os.path.join(EXAMPLES, "digits_calib.npz"))["input"][:32]]
+    int_model = qcompile.PassManager.parse("fold,calibrate{progress=false},quantize,lower-integer").run(model).model
+    target = TARGETS["tiny"]
+    prog = compile_program(int_model, target)
+    res = simulate(prog, target, {"input": np.zeros((1, 1, 1, 8, 8), np.float32)})
+    t = res.report["total"]
+    busy = t["busy"]
+    assert max(busy.values()) <= t["cycles"] < busy["dma"] + busy["matrix"] + busy["vector"]  # units overlap
+    for i, ins in enumerate(prog.instructions):
+        assert res.timeline.end[i] - res.timeline.start[i] == instruction_cycles(ins, target)
+    assert t["macs"] == 80896
+    e = t["energy_pj"]
+    assert e["total"] == pytest.approx(e["mac"] + e["vector"] + e["sram"] + e["dram"] + e["static"], rel=1e-6)
+    assert e["mac"] == pytest.approx(80896 * target.energy.mac("int8"), rel=1e-6)
+    assert e["static"] == pytest.approx(target.energy.static_power_mw * 1e-3 * t["cycles"] /
+                                        (target.clock_mhz * 1e6) * 1e12, rel=1e-6)
+    assert t["dram_bytes"] == sum(l["dram_bytes"] for l in res.report["layers"])
+    # the tiny target tiles: several matrix instructions per conv
+    assert sum(i.op == Op.MATMUL for i in prog.instructions) > 3
