@@ -28,10 +28,14 @@ anything else (Softmax, LayerNorm, ReduceMean, LSTM, ...), ops whose output is a
 by something other than its Q (or is a graph output), per-channel activation scales,
 Gemm with alpha/beta != 1 or transA, AveragePool with padding that excludes the pad, and
 subgraphs. A rewrite whose rescale factor is outside (0, 2^30) is skipped and counted.
+Checked: a QConv/QGemm/QMatMul whose int32 accumulator can overflow (max|x - x_zp| *
+sum_k |w_k - w_zp| + |bias| > 2^31 - 1 for some channel) is still lowered, with a
+warning naming the node (the reference evaluator accumulates in int64).
 This pass computes no tensors: it never imports the backend.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -49,6 +53,7 @@ __all__ = ["LowerInteger"]
 
 _MOVE = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
 _FUSE = {"Relu", "Clip"}
+_INT32_MAX = 2 ** 31 - 1
 
 
 class _Act:
@@ -150,6 +155,10 @@ class LowerInteger(Pass):
                                           node.name + "_w_zero_point"))
         attrs.update(x_zero_point=x.zp, out_zero_point=out.zp, out_min=out.lo, out_max=out.hi)
         name = {"Conv": QCONV, "Gemm": QGEMM, "MatMul": QMATMUL}[op]
+        w = w_q.const_value.astype(np.int64) - _channel_shape(w_zp, w_q.const_value.ndim, channel_axis)
+        per_channel = np.abs(np.moveaxis(w, channel_axis, 0)).reshape(channels, -1).sum(axis=1)
+        bias = inputs[2].const_value if op != "MatMul" and inputs[2] is not None else None
+        self._check_accumulator(node, _largest(x), per_channel, bias)
         return _replace(g, node, out, Node(name, inputs, attrs, domain=DOMAIN, name=node.name))
 
     def _activation_matmul(self, g: Graph, node: Node, a: "_Act", b: "_Act") -> Node:
@@ -162,7 +171,26 @@ class LowerInteger(Pass):
         if b.zp != 0:
             inputs.append(g.make_constant(np.array([b.zp], np.int32), node.name + "_w_zero_point"))
         attrs = dict(x_zero_point=a.zp, out_zero_point=out.zp, out_min=out.lo, out_max=out.hi)
+        shape = b.q.type.shape
+        k = shape[-2] if shape is not None and len(shape) >= 2 and isinstance(shape[-2], int) else None
+        if k is not None:
+            self._check_accumulator(node, _largest(a), np.array([k * _largest(b)]), None)
         return _replace(g, node, out, Node(QMATMUL, inputs, attrs, domain=DOMAIN, name=node.name))
+
+    def _check_accumulator(self, node: Node, x_max: int, w_sums: np.ndarray, bias) -> None:
+        """Warn when the int32 accumulator of `node` can overflow: for some output channel
+        max|x - x_zp| * sum_k |w_k - w_zp| + |bias| > 2^31 - 1 (K * max|x - x_zp| *
+        max|w - w_zp| bounds the sum). The graph is still lowered: the integer reference
+        accumulates in int64, hardware with int32 accumulators would wrap."""
+        bound = np.asarray(w_sums, np.float64) * float(x_max)
+        if bias is not None:
+            bound = bound + np.abs(np.asarray(bias, np.float64)).reshape(-1)
+        worst = float(bound.max()) if bound.size else 0.0
+        if worst > _INT32_MAX:
+            self.stats["int32 accumulator may overflow"] += 1
+            warnings.warn(f"lower-integer: node {node.label}: its int32 accumulator can reach {worst:.4g} > 2^31-1 "
+                          f"(max|x - x_zp| = {x_max}, channel {int(bound.argmax())}): it may overflow on int32 "
+                          f"hardware; quantize this layer with fewer bits or split its reduction", stacklevel=2)
 
     def _binary(self, g: Graph, node: Node) -> Optional[Node]:
         a, b = (_act(v) for v in node.inputs[:2])
@@ -403,6 +431,21 @@ def _requantize(g: Graph, x: Value, scale: float, zp: int, out: _Out, name: str,
     attrs = dict(x_zero_point=int(zp), multiplier=int(m), shift=int(s), out_zero_point=out.zp,
                  out_min=out.lo, out_max=out.hi)
     return Node(REQUANTIZE, [x], attrs, domain=DOMAIN, name=name + "_requantize")
+
+
+def _largest(a: "_Act") -> int:
+    """max |x - x_zp| over the codes of the activation's type."""
+    t = a.q.type.dtype
+    return max(a.zp - t.min, t.max - a.zp)
+
+
+def _channel_shape(zp, ndim: int, axis: int) -> np.ndarray:
+    z = np.asarray(zp, np.int64)
+    if z.size <= 1:
+        return z.reshape(())
+    shape = [1] * ndim
+    shape[axis] = z.size
+    return z.reshape(shape)
 
 
 def _identity(dtype, zp: int, m, s, out: _Out) -> bool:

@@ -240,7 +240,7 @@ def test_activation_overrides_and_sensitive_fallback():
 
 
 def test_packed_int4_weights_and_the_int8_container_fallback(tmp_path):
-    packed, boxed = _digits("weights=int4"), _digits("weights=int4,packed=false")
+    packed, boxed = _digits("weights=int4,search_samples=0"), _digits("weights=int4,packed=false,search_samples=0")
     assert packed.opset == 21 and boxed.opset == 17
     for model, dtype in ((packed, I4), (boxed, np.int8)):
         ws = [n.inputs[1].producer.inputs[0].const_value for n in model.graph.nodes if n.op_type in ("Conv", "Gemm")]

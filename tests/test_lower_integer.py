@@ -357,3 +357,32 @@ def test_inspect_counts_macs_of_integer_ops(digits):
     infer_shapes(float_model)
     float_macs = summarize(float_model).total_macs
     assert summarize(digits[1]).total_macs == float_macs == 80896
+
+
+# -- int32 accumulator range ------------------------------------------------------------
+def _gemm_of_depth(k, w_value):
+    """DQ(x int8, zp -128) -> Gemm(W = w_value everywhere, int8) -> Q: a [1, k] x [k, 2] layer."""
+    b = _Builder(np.random.default_rng(0))
+    b.inputs.append(helper.make_tensor_value_info("x", TensorProto.INT8, [1, k]))
+    b.inits += [_init("x_s", np.float32(0.01)), _init("x_z", np.array(-128, np.int8)),
+                _init("w_q", np.full((k, 2), w_value, np.int8)), _init("w_s", np.full(2, 0.01, np.float32)),
+                _init("w_z", np.zeros(2, np.int8)), _init("y_s", np.float32(1.0)), _init("y_z", np.array(0, np.int8))]
+    b.nodes += [helper.make_node("DequantizeLinear", ["x", "x_s", "x_z"], ["xf"]),
+                helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"], axis=1),
+                helper.make_node("Gemm", ["xf", "w"], ["g"]),
+                helper.make_node("QuantizeLinear", ["g", "y_s", "y_z"], ["y"])]
+    g = helper.make_graph(b.nodes, "t", b.inputs, [helper.make_tensor_value_info("y", TensorProto.INT8, None)],
+                          b.inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_int32_accumulator_overflow_is_a_warning_naming_the_node():
+    # 255 * 127 * 66,400 = 2.150e9 > 2^31 - 1: the accumulator can leave int32
+    with pytest.warns(UserWarning, match=r"lower-integer: node .*Gemm.*int32 accumulator can reach 2\.15e\+09"):
+        lowered = _lower(_gemm_of_depth(66_400, 127))
+    assert any(n.op_type == "QGemm" for n in lowered.graph.nodes)  # still lowered: the reference uses int64
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 255 * 127 * 66,300 = 2.147e9 fits
+        _lower(_gemm_of_depth(66_300, 127))
+        _lower(_gemm_of_depth(66_400, 63))

@@ -201,3 +201,26 @@ def test_int16_activations_for_sensitive_tensors():
     assert len(reasons) == 6 and all("estimated int8 SQNR" in r for r in reasons)
     from qcompile.analysis import summarize
     assert {r["type"] for r in summarize(every).quantized if r["role"] == "activation"} == {"i16"}
+
+
+def _calibration_error(model, n=64):
+    x = np.load(CALIB)["input"][:n].reshape(-1, 1, 8, 8)
+    ref = ort.InferenceSession(MODEL, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    out = ort.InferenceSession(to_proto(model).SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    return float(np.square(out - ref).sum())
+
+
+def test_activation_range_search():
+    """Each int8 activation's range is re-chosen by output error on calibration samples:
+    never worse than calibrate's ranges there; no search with 0 samples or 0 seconds."""
+    plain = quantized("search_samples=0")
+    searched = quantized("search_samples=64")
+    chosen = searched.annotations["activation_ranges"]
+    assert "activation_ranges" not in plain.annotations
+    rules = {"minmax", "percentile 99.999", "percentile 99.99", "mse"}
+    assert set(chosen.values()) <= rules
+    q_inputs = {n.name[:-2] for n in searched.graph.nodes if n.op_type == "QuantizeLinear"}
+    assert set(chosen) <= q_inputs
+    assert _calibration_error(searched) <= _calibration_error(plain) * (1 + 1e-6)
+    assert quantized("search_seconds=0").annotations["activation_ranges"] == {}

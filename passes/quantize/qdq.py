@@ -30,6 +30,9 @@ What it rewrites, for every Conv, Gemm and MatMul whose weight is a constant:
      redundant keeps its tensor at int8. Each widening is listed with its reason.
   4b. A MatMul of two activations (attention's Q.K^T and P.V) gets Q->DQ pairs on both
      inputs and its output.
+  4b'. With `search_samples=N` (default 64), each int8 activation's range is then
+     re-chosen among the calibration rules by the output error it causes on N
+     calibration samples (range_search.py).
   4c. Inputs and outputs of the data-movement and elementwise ops between them (Add, Mul,
      Concat, pooling, Flatten, Reshape, Transpose, Relu) get Q->DQ pairs too, so the
      integer graph needs no float tensors between quantized ops.
@@ -66,6 +69,7 @@ from qcompile.onnx_io import to_proto, upgrade_opset
 from qcompile.passmanager import Pass, PassResult, option, register_pass
 
 from .activations import ACTIVATION_TYPES, ActivationPlan, activation_params
+from .range_search import search_activation_ranges
 from .weights import WeightFormat, dequantize, quantize_weight, weight_format
 
 __all__ = ["Quantize"]
@@ -104,6 +108,10 @@ class Quantize(Pass):
     min_activation_sqnr: float = option(0.0, "sensitive tensors: an activation whose SQNR, estimated from its "
                                              "calibration histogram, falls below this many dB gets a wider type "
                                              "(int4 -> int8 -> int16)")
+    search_samples: int = option(64, "activation range search: each int8 activation takes the calibration rule "
+                                     "(min/max, percentile, MSE) that least hurts the model's output on this many "
+                                     "calibration samples; 0 keeps calibrate's method", choices=range(0, 1 << 30))
+    search_seconds: float = option(60.0, "time budget of the activation range search (seconds)")
     packed: bool = option(True, "store 4-bit and narrower weights as packed ONNX INT4/UINT4 (the model is "
                                 "upgraded to opset 21); false keeps them in int8 containers at opset 13")
     config: str = option("", "a .json or .toml file with these options (overrides as a table PATTERN = TYPE); "
@@ -161,6 +169,11 @@ class Quantize(Pass):
         for name, (dtype, why) in q.wide.items():
             decisions.append({"tensor": name, "reason": why, "kept_at": str(dtype)})
         model.graph.sort()
+        if q.done and self.search_samples:
+            chosen = search_activation_ranges(model, model.annotations["calibration"], self.search_samples,
+                                              self.search_seconds)
+            model.annotations["activation_ranges"] = chosen
+            self.stats["activation ranges changed by the range search"] += len(chosen)
         return PassResult(model, modified=bool(q.done or bits))
 
     def _upgrade(self, model: Model, plan: "_LayerPlan", acts: ActivationPlan) -> Model:
