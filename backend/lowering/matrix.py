@@ -102,6 +102,32 @@ def _fill_flag(ctx: Context, pipe: _Pipeline, b: Ref, first_k: bool, k: int, n: 
     return not same
 
 
+def _estimate(ctx: Context, m_sizes: List[int], n_sizes: List[int], k_sizes: List[int], a_bytes: int,
+              w_bytes: int, out_bytes: int) -> float:
+    """Estimated cycles of a tiling: the larger of the matrix unit's cycles (the closed
+    forms of the timing model) and the DMA's, which overlap."""
+    from ..simulator.timing import matmul_cycles
+
+    t = ctx.target
+    rows, cols, flow = t.matrix.rows, t.matrix.cols, t.matrix.dataflow
+    compute = 0
+    for m in m_sizes:
+        for n in n_sizes:
+            for i, k in enumerate(k_sizes):
+                compute += matmul_cycles(m, k, n, rows, cols, flow, i == 0 or flow != "output-stationary")
+    reload = (min(a_bytes * len(n_sizes) + w_bytes, a_bytes + w_bytes * len(m_sizes)) if len(k_sizes) == 1
+              else a_bytes * len(n_sizes) + w_bytes * len(m_sizes))
+    transfers = len(m_sizes) * len(n_sizes) * (2 * len(k_sizes) + 3)
+    dma = (reload + out_bytes) / t.dram_bytes_per_cycle + transfers * t.dram_latency_cycles
+    return max(compute, dma) + 0.05 * min(compute, dma) + 1e-3 * transfers
+
+
+def _ranked(candidates: List[tuple], cost: Callable[[tuple], float], keep: int = 12) -> List[tuple]:
+    """Distinct candidates, cheapest first (the first that fits SRAM is emitted)."""
+    unique = list(dict.fromkeys(candidates))
+    return sorted(unique, key=cost)[:keep] + [c for c in unique if c[-1] == 1][:2]
+
+
 def _schedule(ctx: Context, layer: Layer, candidates: Iterator[tuple], emit: Callable[[tuple], str]) -> None:
     em = ctx.emitter
     tried = 0
@@ -163,11 +189,18 @@ def lower_conv(ctx: Context, layer: Layer) -> None:
                         break
                 if not best:
                     continue
-                if best < oh:
-                    aligned = [r for r in range(best, 0, -1) if (r * ow) % rows == 0]
-                    best = aligned[0] if aligned else best
-                for r in _halvings(best):
+                aligned = [r for r in range(best, 0, -1) if (r * ow) % rows == 0][:1]
+                for r in [best] + aligned + _halvings(best)[1:]:
                     yield kc, nt, r
+
+    def cost(cand) -> float:
+        kc, nt, r = cand
+        m_sizes = [min(r, oh - r0) * ow for r0 in range(0, oh, r)]
+        n_sizes = [min(nt, mg - c0) for c0 in range(0, mg, nt)]
+        k_sizes = [min(kc, cg - c0) * kh * kw for c0 in range(0, cg, kc)]
+        a_bytes = sum(in_rows(min(r, oh - r0)) for r0 in range(0, oh, r)) * iwp * cg
+        return group * n_batch * _estimate(ctx, m_sizes, n_sizes, k_sizes, a_bytes,
+                                           (cg * kh * kw * mg * wbits + 7) // 8, mg * oh * ow * osz)
 
     def emit(cand) -> str:
         kc, nt, oht = cand
@@ -257,7 +290,7 @@ def lower_conv(ctx: Context, layer: Layer) -> None:
                 f"{len(n_tiles)}x{len(m_tiles)}x{len(k_tiles)} tiles, "
                 f"{'channel tiles outer (weights resident)' if n_outer else 'row tiles outer (inputs resident)'}")
 
-    _schedule(ctx, layer, candidates(), emit)
+    _schedule(ctx, layer, iter(_ranked(list(candidates()), cost)), emit)
 
 
 # -- GEMM and MatMul ------------------------------------------------------------------
@@ -325,10 +358,18 @@ def lower_gemm(ctx: Context, layer: Layer) -> None:
                 wbytes = (kc * nt * wbits + 7) // 8 + 8 * nt
                 for mt in _halvings(m_dim):
                     if _fits(ctx, mt * kc + mt * nt * osz, wbytes, mt * nt):
-                        if mt < m_dim and mt >= ctx.target.matrix.rows:
-                            mt -= mt % ctx.target.matrix.rows
                         yield kc, nt, mt
+                        if mt < m_dim and mt > ctx.target.matrix.rows:
+                            yield kc, nt, mt - mt % ctx.target.matrix.rows
                         break
+
+    def cost(cand) -> float:
+        kc, nt, mt = cand
+        m_sizes = [min(mt, m_dim - r0) for r0 in range(0, m_dim, mt)]
+        n_sizes = [min(nt, n_dim - c0) for c0 in range(0, n_dim, nt)]
+        k_sizes = [min(kc, k_dim - c0) for c0 in range(0, k_dim, kc)]
+        return n_batch * _estimate(ctx, m_sizes, n_sizes, k_sizes, m_dim * k_dim, (k_dim * n_dim * wbits + 7) // 8,
+                                   m_dim * n_dim * osz)
 
     def emit(cand) -> str:
         kc, nt, mt = cand
@@ -411,4 +452,4 @@ def lower_gemm(ctx: Context, layer: Layer) -> None:
         return (f"{node.op_type} {n_batch} x [{m_dim}x{k_dim}] @ [{k_dim}x{n_dim}] ({what}, {wtype.name}): tiles "
                 f"rows {mt} x cols {nt} x K {kc}; {len(m_tiles)}x{len(n_tiles)}x{len(k_tiles)} tiles")
 
-    _schedule(ctx, layer, candidates(), emit)
+    _schedule(ctx, layer, iter(_ranked(list(candidates()), cost)), emit)
