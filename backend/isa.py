@@ -159,8 +159,10 @@ SPECS: Dict[Op, OpSpec] = {s.op: s for s in (
           "`count` contiguous elements of ACT_BUF"),
     _spec(Op.VMUL, Unit.VECTOR, "a b dst count dtype_a dtype_b dtype_out a_zp b_zp mult shift out_zp lo hi",
           "y = saturate((((a - a_zp) * (b - b_zp) * mult + 2^(shift-1)) >> shift) + out_zp, lo, hi)"),
-    _spec(Op.VLUT, Unit.VECTOR, "src dst count dtype_in dtype_out table",
-          "y = T[x - min(dtype_in)] with the 256-entry table T (dtype_out elements) in WGT_BUF at `table`"),
+    _spec(Op.VLUT, Unit.VECTOR, "src dst count dtype_in dtype_out table inner nch",
+          "y[e] = T_c[x[e] - min(dtype_in)] over `count` contiguous elements, with 256-entry tables (dtype_out "
+          "elements) in WGT_BUF: element e uses table c = (e // inner) % nch at table + 256 c (one table: "
+          "nch = 1; per-channel tables for per-channel float ops such as BatchNormalization or a bias add)"),
     _spec(Op.VPOOL, Unit.VECTOR,
           "src dst dtype channels ih iw kh kw sh sw dh dw oh ow mode x_zp mult shift out_zp lo hi",
           "per channel plane (ih x iw in, oh x ow out, contiguous planes in ACT_BUF): max (mode 0) or the "

@@ -200,11 +200,12 @@ class Emitter:
         self._add(op, layer, foot, a=a, b=b, dst=dst, count=count, dtype_a=int(ta), dtype_b=int(tb),
                   dtype_out=int(to), **imm)
 
-    def vlut(self, layer: int, src: Ref, dst: Ref, count: int, tin: DType, tout: DType, table: Ref) -> None:
-        foot = [(int(Buf.ACT), src, 0, count, False), (int(Buf.WGT), table, 0, 256, False),
+    def vlut(self, layer: int, src: Ref, dst: Ref, count: int, tin: DType, tout: DType, table: Ref, inner: int = 0,
+             nch: int = 1) -> None:
+        foot = [(int(Buf.ACT), src, 0, count, False), (int(Buf.WGT), table, 0, 256 * nch, False),
                 (int(Buf.ACT), dst, 0, count, True)]
         self._add(Op.VLUT, layer, foot, src=src, dst=dst, count=count, dtype_in=int(tin), dtype_out=int(tout),
-                  table=table)
+                  table=table, inner=int(inner or count), nch=int(nch))
 
     def vpool(self, layer: int, src: Ref, dst: Ref, dtype: DType, channels: int, ih: int, iw: int, kh: int,
               kw: int, sh: int, sw: int, dh: int, dw: int, oh: int, ow: int, mode: int, x_zp=0, mult=0,

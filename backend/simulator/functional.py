@@ -182,17 +182,20 @@ class Machine:
         d[...] = requantize(x * y, a["mult"], a["shift"], a["out_zp"], a["lo"], a["hi"]).astype(d.dtype)
 
     def _vlut(self, a, pc):
-        c = a["count"]
+        c, nch = a["count"], a["nch"]
         tin, tout = DType(a["dtype_in"]), DType(a["dtype_out"])
         x = self._sram(Buf.ACT, tin, a["src"], (c,), (1,), f"instruction {pc} VLUT source")
-        table = self._block(self.wgt, tout, a["table"], 1, (256,), (1,), f"instruction {pc} VLUT table")
+        tables = self._block(self.wgt, tout, a["table"], 1, (nch, 256), (256, 1), f"instruction {pc} VLUT tables")
         lo = -128 if tin == DType.INT8 else 0
         idx = x.astype(np.int64) - lo
+        if nch > 1:
+            idx = idx + 256 * ((np.arange(c) // a["inner"]) % nch)
+        flat = tables.reshape(tables.shape[0], nch * 256)
         d = self._sram(Buf.ACT, tout, a["dst"], (c,), (1,), f"instruction {pc} VLUT destination")
-        if table.shape[0] == 1:
-            d[...] = table[0][idx]
+        if flat.shape[0] == 1:
+            d[...] = flat[0][idx]
         else:
-            d[...] = np.take_along_axis(table, idx, axis=1)
+            d[...] = np.take_along_axis(flat, idx, axis=1)
 
     def _planes(self, a, pc, what):
         dtype = DType(a["dtype"])
