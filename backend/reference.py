@@ -189,17 +189,27 @@ def _qmul(node: Node, a, b):
     return _finish(node, acc, _attr(node, "multiplier"), _attr(node, "shift"))
 
 
-def _qavgpool(node: Node, x):
+def _qavgpool(node: Node, x, multiplier=None, shift=None):
     xc = x.astype(np.int64) - _attr(node, "x_zero_point", 0)
     d = x.ndim - 2
     if _attr(node, "global", 0):
         acc = xc.sum(axis=tuple(range(2, x.ndim)), keepdims=True)
     else:
         kernel = list(_attr(node, "kernel_shape"))
-        xc = _pad(xc, list(_attr(node, "pads", None) or [0] * (2 * d)), 0)
-        win = _windows(xc, kernel, list(_attr(node, "strides", None) or [1] * d), [1] * d)
+        strides = list(_attr(node, "strides", None) or [1] * d)
+        pads = list(_attr(node, "pads", None) or [0] * (2 * d))
+        if multiplier is not None and np.ndim(multiplier) == d:  # per position: its shape is the output's
+            out = np.shape(multiplier)
+            for i in range(d):  # ceil_mode: pad the end far enough for the last window
+                need = (out[i] - 1) * strides[i] + kernel[i] - (x.shape[2 + i] + pads[i] + pads[i + d])
+                pads[i + d] += max(need, 0)
+        win = _windows(_pad(xc, pads, 0), kernel, strides, [1] * d)
         acc = win.sum(axis=tuple(range(2 + d, 2 + 2 * d)))
-    return _finish(node, acc, _attr(node, "multiplier"), _attr(node, "shift"))
+        if multiplier is not None and np.ndim(multiplier) == d:
+            acc = acc[(slice(None), slice(None)) + tuple(slice(0, n) for n in np.shape(multiplier))]
+    if multiplier is None:
+        multiplier, shift = _attr(node, "multiplier"), _attr(node, "shift")
+    return _finish(node, acc, multiplier, shift)
 
 
 def _requant(node: Node, x):

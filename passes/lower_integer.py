@@ -12,8 +12,10 @@ QuantizeLinear that is the only reader of the op's output, or of a Relu/Clip tha
   2. DQ -> Gemm(W, B?) [-> Relu|Clip] -> Q          =>  QGemm (alpha = beta = 1, transA = 0).
   3. DQ -> MatMul(W) [-> Relu|Clip] -> Q            =>  QMatMul (W is [K, N]).
   4. DQ, DQ -> Add|Mul [-> Relu|Clip] -> Q          =>  QAdd | QMul.
-  5. DQ -> AveragePool|GlobalAveragePool [-> Relu|Clip] -> Q  =>  QAveragePool (no padding
-     unless count_include_pad, ceil_mode 0).
+  5. DQ -> AveragePool|GlobalAveragePool [-> Relu|Clip] -> Q  =>  QAveragePool; where the
+     divisor varies with the position (padding excluded by count_include_pad=0, or
+     windows that ceil_mode=1 runs past the input), one multiplier and shift per output
+     position r = s_x / (s_y * count), so the division stays exact integer arithmetic.
   6. DQ -> MaxPool|Flatten|Reshape|Transpose|Squeeze|Unsqueeze [-> Relu|Clip] -> Q  =>  the
      same op on the integer tensor, then a Requantize when the scale, zero point or
      bounds change.
@@ -26,7 +28,7 @@ QuantizeLinear that is the only reader of the op's output, or of a Relu/Clip tha
 Left alone (they stay float ops, run on the host between Dequantize and Quantize):
 anything else (Softmax, LayerNorm, ReduceMean, LSTM, ...), ops whose output is also read
 by something other than its Q (or is a graph output), per-channel activation scales,
-Gemm with alpha/beta != 1 or transA, AveragePool with padding that excludes the pad, and
+Gemm with alpha/beta != 1 or transA, AveragePool with auto_pad or dilations, and
 subgraphs. A rewrite whose rescale factor is outside (0, 2^30) is skipped and counted.
 Checked: a QConv/QGemm/QMatMul whose int32 accumulator can overflow (max|x - x_zp| *
 sum_k |w_k - w_zp| + |bias| > 2^31 - 1 for some channel) is still lowered, with a
@@ -217,26 +219,41 @@ class LowerInteger(Pass):
             raise _Skip("input is not a dequantized integer")
         shape = x.q.type.shape if isinstance(x.q.type, TensorType) else None
         attrs: Dict[str, object] = {}
+        inputs: List[Optional[Value]] = [x.q]
         if node.op_type == "GlobalAveragePool":
             if shape is None or not all(isinstance(d, int) for d in shape[2:]):
                 raise _Skip("spatial shape unknown")
             window = int(np.prod(shape[2:]))
             attrs["global"] = 1
         else:
-            if node.attr("ceil_mode", 0) or node.attr("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
-                raise _Skip("ceil_mode/auto_pad")
-            pads = list(node.attr("pads", []) or [])
-            if any(pads) and not node.attr("count_include_pad", 0):
-                raise _Skip("padding excluded from the average")
+            if node.attr("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET") or any(
+                    d != 1 for d in (node.attr("dilations") or [])):
+                raise _Skip("auto_pad/dilations")
             kernel = list(node.attr("kernel_shape"))
+            strides = list(node.attr("strides", [1] * len(kernel)))
+            pads = list(node.attr("pads", []) or [0] * (2 * len(kernel)))
+            attrs.update(kernel_shape=kernel, strides=strides, pads=pads, **{"global": 0})
             window = int(np.prod(kernel))
-            attrs.update(kernel_shape=kernel, strides=list(node.attr("strides", [1] * len(kernel))),
-                         pads=pads or [0] * (2 * len(kernel)), **{"global": 0})
+            counts = np.array(window)
+            if any(pads) or node.attr("ceil_mode", 0):
+                counts = _window_counts(shape, node.outputs[0].type, kernel, strides, pads,
+                                        bool(node.attr("count_include_pad", 0)))
+            if counts is None:
+                raise _Skip("spatial shapes unknown")
+            if np.any(counts <= 0):
+                raise _Skip("a window lies wholly in the padding")
         out = _out(g, node)
-        m, s = _multiplier(x.scale / (out.scale * window))
-        attrs.update(x_zero_point=x.zp, multiplier=int(m), shift=int(s), out_zero_point=out.zp,
-                     out_min=out.lo, out_max=out.hi)
-        return _replace(g, node, out, Node(QAVERAGEPOOL, [x.q], attrs, domain=DOMAIN, name=node.name))
+        if node.op_type == "AveragePool" and np.any(counts != window):
+            # the divisor varies with the position (padding excluded, ceil_mode): one
+            # multiplier and shift per output position
+            m, s = _multiplier(x.scale / (out.scale * counts.astype(np.float64)))
+            inputs += [g.make_constant(m.astype(np.int32), node.name + "_multiplier"),
+                       g.make_constant(s.astype(np.int8), node.name + "_shift")]
+        else:
+            m, s = _multiplier(x.scale / (out.scale * window))
+            attrs.update(multiplier=int(m), shift=int(s))
+        attrs.update(x_zero_point=x.zp, out_zero_point=out.zp, out_min=out.lo, out_max=out.hi)
+        return _replace(g, node, out, Node(QAVERAGEPOOL, inputs, attrs, domain=DOMAIN, name=node.name))
 
     def _move(self, g: Graph, node: Node) -> Optional[Node]:
         x = _act(node.inputs[0])
@@ -431,6 +448,29 @@ def _requantize(g: Graph, x: Value, scale: float, zp: int, out: _Out, name: str,
     attrs = dict(x_zero_point=int(zp), multiplier=int(m), shift=int(s), out_zero_point=out.zp,
                  out_min=out.lo, out_max=out.hi)
     return Node(REQUANTIZE, [x], attrs, domain=DOMAIN, name=name + "_requantize")
+
+
+def _window_counts(in_shape, out_type, kernel, strides, pads, include_pad: bool) -> Optional[np.ndarray]:
+    """Per output position, how many elements an ONNX AveragePool divides by: the window
+    cut to the padded input (count_include_pad) or to the input; windows that ceil_mode
+    adds run past the padding and are cut too. None when a spatial size is unknown."""
+    out_shape = out_type.shape if isinstance(out_type, TensorType) else None
+    d = len(kernel)
+    if in_shape is None or out_shape is None or len(in_shape) != d + 2 or len(out_shape) != d + 2:
+        return None
+    sizes, outs = in_shape[2:], out_shape[2:]
+    if not all(isinstance(v, int) for v in list(sizes) + list(outs)):
+        return None
+    per_dim = []
+    for i in range(d):
+        start = np.arange(outs[i]) * strides[i] - pads[i]
+        end = start + kernel[i]
+        lo, hi = (-pads[i], sizes[i] + pads[i + d]) if include_pad else (0, sizes[i])
+        per_dim.append(np.minimum(end, hi) - np.maximum(start, lo))
+    counts = per_dim[0]
+    for c in per_dim[1:]:
+        counts = np.multiply.outer(counts, c)
+    return np.asarray(counts, np.int64)
 
 
 def _largest(a: "_Act") -> int:

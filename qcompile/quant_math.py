@@ -39,11 +39,15 @@ Ops of the domain (inputs in order; `?` optional; int32 accumulators):
       QAdd: a_multiplier, b_multiplier, shift: y = ((a - a_zp) * Ma + (b - b_zp) * Mb
             + 2^(s-1)) >> s + out_zp, both rescales sharing one shift, so one rounding.
       QMul: multiplier, shift: y = requant((a - a_zp) * (b - b_zp)). Numpy broadcasting.
-  QAveragePool(x)
-      attrs: kernel_shape, strides, pads (must be zero), global (0/1), x_zero_point,
-      multiplier, shift, out_zero_point, out_min, out_max:
-      y = requant(sum over the window of (x - x_zp)); the window size is folded into
-      the multiplier (r = s_x / (s_y * window)).
+  QAveragePool(x, multiplier?, shift?)
+      attrs: kernel_shape, strides, pads, global (0/1), x_zero_point, out_zero_point,
+      out_min, out_max, and multiplier, shift when the inputs are absent:
+      y = requant(sum over the window of (x - x_zp)), padding contributing 0; the
+      divisor is folded into the multiplier (r = s_x / (s_y * count)). With one count
+      for every window the multiplier and shift are attributes; where the count varies
+      (count_include_pad=0 with padding, ceil_mode=1) they are int32/int8 tensors shaped
+      like the output's spatial dims, one per position. The output's spatial size is
+      the multiplier's shape when given (ceil_mode), else floor-mode pooling's.
   Requantize(x)
       attrs: x_zero_point, multiplier, shift, out_zero_point, out_min, out_max:
       y = requant(x - x_zp). A Relu/Clip on a quantized tensor is a Requantize with

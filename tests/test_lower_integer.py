@@ -98,9 +98,11 @@ class _Builder:
         return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
-def _ort(proto, feeds):
+def _ort(proto, feeds, optimize=True):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
 
@@ -110,8 +112,8 @@ def _lower(proto):
     return qcompile.PassManager.parse("lower-integer").run(model).model
 
 
-def _compare(op, proto, feeds, expect_ops):
-    want = _ort(proto, feeds)[0].astype(np.int64)
+def _compare(op, proto, feeds, expect_ops, optimize=True):
+    want = _ort(proto, feeds, optimize)[0].astype(np.int64)
     lowered = _lower(proto)
     got_ops = sorted(n.op_type for n in lowered.graph.nodes)
     assert got_ops == sorted(expect_ops), f"{op}: lowered to {got_ops}"
@@ -386,3 +388,30 @@ def test_int32_accumulator_overflow_is_a_warning_naming_the_node():
         warnings.simplefilter("error")  # 255 * 127 * 66,300 = 2.147e9 fits
         _lower(_gemm_of_depth(66_300, 127))
         _lower(_gemm_of_depth(66_400, 63))
+
+
+AVGPOOL_CASES = [  # (H, W, kernel, stride, pads, count_include_pad, ceil_mode)
+    (8, 8, 3, 1, 1, 0, 0),   # padding excluded from the divisor
+    (7, 9, 2, 2, 0, 0, 1),   # ceil_mode: last windows cut by the input's edge
+    (8, 7, 3, 2, 1, 1, 1),   # padding counted, ceil_mode windows past it cut
+    (10, 10, 3, 2, 1, 0, 1),
+    (6, 6, 3, 1, 1, 1, 0),   # padding counted: one divisor everywhere (attribute form)
+]
+
+
+@pytest.mark.parametrize("case", AVGPOOL_CASES, ids=[f"avgpool{i}" for i in range(len(AVGPOOL_CASES))])
+def test_average_pool_with_padding_and_ceil_mode_within_one_lsb(case):
+    """Per-position divisors become per-position multipliers of QAveragePool. Compared
+    with the QDQ model as ONNX defines it (onnxruntime's optimisations off): its fused
+    QLinearAveragePool divides ceil_mode's cut windows by the whole kernel when
+    count_include_pad=1 (case 2: up to 37 LSB off; its plain AveragePool agrees with us)."""
+    h, w, k, stride, pad, include, ceil = case
+    b = _Builder(np.random.default_rng(sum(case)))
+    x, _ = b.act_input("x", [2, 3, h, w])
+    b.nodes.append(helper.make_node("AveragePool", [x], ["ap"], kernel_shape=[k, k], strides=[stride] * 2,
+                                    pads=[pad] * 4, count_include_pad=include, ceil_mode=ceil))
+    proto = onnx.shape_inference.infer_shapes(b.finish("ap"))  # as quantize's output: tensors typed
+    _compare("QAveragePool(pads/ceil)", proto, b.feeds, ["QAveragePool"], optimize=False)
+    node = next(n for n in _lower(proto).graph.nodes if n.op_type == "QAveragePool")
+    per_position = len(node.inputs) == 3
+    assert per_position == (case != AVGPOOL_CASES[-1])
