@@ -321,3 +321,18 @@ def test_timeline_overlaps_units_and_energy_adds_up():
     assert t["dram_bytes"] == sum(l["dram_bytes"] for l in res.report["layers"])
     # the tiny target tiles: several matrix instructions per conv
     assert sum(i.op == Op.MATMUL for i in prog.instructions) > 3
+
+
+@pytest.mark.parametrize("target", ["rain-sim", "tiny"])
+def test_four_bit_activations_and_weights_bit_exact(target):
+    """W4A4: int4 activations live in int8 containers with a narrowed range, also at the
+    program's input (the interface quantization clips to [-8, 7])."""
+    model = load(os.path.join(EXAMPLES, "digits_cnn.onnx"))
+    calib = np.load(os.path.join(EXAMPLES, "digits_calib.npz"))["input"]
+    model.annotations["calibration_data"] = [{"input": x} for x in calib[:64]]
+    int_model = qcompile.PassManager.parse(
+        "fold,calibrate{progress=false},quantize{weights=int4,activations=int4},lower-integer").run(model).model
+    data = np.load(os.path.join(EXAMPLES, "digits_eval.npz"))
+    prog, res = _check(int_model, {"input": data["input"][:8]}, target)
+    assert {l["weight_type"] for l in prog.layers if l["unit"] == "matrix"} == {"INT4"}
+    assert prog.inputs[0]["out_min"] == -8 and prog.inputs[0]["out_max"] == 7

@@ -162,6 +162,8 @@ def _interface(spec, slots) -> dict:
         out.update(scale=scale.reshape(-1).tolist(), scale_shape=list(scale.shape),
                    zero_point=None if zp is None else np.asarray(zp).reshape(-1).tolist(),
                    zero_point_dtype=None if zp is None else str(np.asarray(zp).dtype), axis=spec["axis"])
+        if spec.get("out_min") is not None:   # a narrow type (int4) in an 8-bit container
+            out.update(out_min=int(spec["out_min"]), out_max=int(spec["out_max"]))
     if "dtype" in spec:
         out["dtype"] = spec["dtype"]
     return out

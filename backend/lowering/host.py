@@ -80,18 +80,18 @@ def lower_host(ctx: Context, layer: Layer, host_ops: List[HostOp], shapes, dtype
 
 
 def run_chain(ctx: Context, info, values: np.ndarray) -> np.ndarray:
-    """Run a Dequantize -> float ops -> Quantize chain on `values` (one axis of 256)
-    through the integer reference."""
+    """Run a Dequantize -> float ops -> Quantize chain on `values` (any shape the chain's
+    constants broadcast against) through the integer reference."""
     from ..reference import run_integer_graph
 
     src = info["source"]
     out = info["quantize"].outputs[0]
     nodes = [info["dequantize"]] + info["float_nodes"] + [info["quantize"]]
-    shapes = {id(src): (values.size,), id(out): (values.size,)}
+    shapes = {id(src): values.shape, id(out): values.shape}
     dtypes = {id(src): values.dtype, id(out): ctx.plan.dtypes[id(out)]}
     for n in nodes:
         for v in n.outputs:
-            shapes.setdefault(id(v), (values.size,))
+            shapes.setdefault(id(v), values.shape)
             dtypes.setdefault(id(v), np.float32)
     data = host_model(ctx, nodes, [src], [out], shapes, dtypes)
     model = onnx.load_from_string(data)

@@ -21,7 +21,7 @@ taken from one run of the integer reference on zeros, which also checks the grap
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -40,7 +40,7 @@ ALIAS_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 ELEMENTWISE_FLOAT_OPS = frozenset({
     "Sigmoid", "Tanh", "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish", "Softplus",
     "Softsign", "Exp", "Log", "Erf", "Gelu", "Neg", "Abs", "Sqrt", "Reciprocal", "Clip", "Add", "Sub", "Mul",
-    "Div", "Pow", "Mish", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Identity",
+    "Div", "Pow", "Mish", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Identity", "BatchNormalization",
 })
 
 
@@ -159,7 +159,8 @@ def plan_layers(model: Model) -> Plan:
             q = uses[0]
             inputs_spec.append({"name": v.name, "value": q.outputs[0], "shape": list(shapes[id(v)]), "float": True,
                                 "scale": _const(q.inputs[1]), "zero_point": _const(_opt(q, 2)),
-                                "axis": int(q.attr("axis", 1)), "dtype": str(dtypes[id(v)])})
+                                "axis": int(q.attr("axis", 1)), "dtype": str(dtypes[id(v)]),
+                                "out_min": q.attr("out_min", None), "out_max": q.attr("out_max", None)})
             consumed.add(id(q))
         else:
             inputs_spec.append({"name": v.name, "value": v, "shape": list(shapes[id(v)]), "float": False,
@@ -175,7 +176,7 @@ def plan_layers(model: Model) -> Plan:
         else:
             outputs_spec.append({"name": v.name, "value": v, "shape": list(shapes[id(v)]), "float": False})
 
-    luts = _find_luts(g, dtypes, consumed, graph_outputs)
+    luts = _find_luts(g, dtypes, shapes, consumed, graph_outputs)
     lut_at = {id(info["quantize"]): info for info in luts}
     for info in luts:
         for n in info["nodes"]:
@@ -259,6 +260,8 @@ def _classify(node: Node, shapes, dtypes, weight_bits, static) -> Layer:
         if op in (QADD, QMUL, REQUANTIZE):
             return Layer("pointwise", name, op, node, ins, outs, {"op": op})
         if op == QAVERAGEPOOL:
+            if len(ins) > 1:
+                return _host(node, "average pool whose divisor varies by position (padding excluded or ceil mode)")
             return Layer("pool", name, op, node, ins, outs, {"mode": "avg"})
         return _host(node, "interface conversion inside the graph")
     if node.domain in ("", "ai.onnx"):
@@ -283,8 +286,30 @@ def _host(node: Node, reason: str) -> Layer:
                  list(node.outputs), {}, reason)
 
 
-def _find_luts(g, dtypes, consumed, graph_outputs) -> List[Dict[str, Any]]:
-    """Chains 8-bit Dequantize -> elementwise float ops -> 8-bit Quantize (see module doc)."""
+def _channel_axis(p: Node, rank: int) -> Optional[Tuple[int, int]]:
+    """(axis, size) along which the constant operands of an elementwise op vary, None
+    if they are all single values; ValueError if they vary along more than one axis."""
+    found: Set[Tuple[int, int]] = set()
+    if p.op_type == "BatchNormalization":
+        params = [np.asarray(v.const_value) for v in p.inputs[1:] if v is not None]
+        return (1, int(params[0].size)) if params and params[0].size > 1 else None
+    for v in p.inputs:
+        if v is None or v.const_value is None or np.size(v.const_value) == 1:
+            continue
+        shape = [1] * (rank - np.ndim(v.const_value)) + list(np.shape(v.const_value))
+        axes = [(a, d) for a, d in enumerate(shape) if d != 1]
+        if len(axes) != 1 or len(shape) != rank:
+            raise ValueError("constants vary along several axes")
+        found.add(axes[0])
+    if len(found) > 1:
+        raise ValueError("constants vary along different axes")
+    return found.pop() if found else None
+
+
+def _find_luts(g, dtypes, shapes, consumed, graph_outputs) -> List[Dict[str, Any]]:
+    """Chains 8-bit Dequantize -> elementwise float ops -> 8-bit Quantize (see module
+    doc). Constants may vary along one axis (a per-channel affine, a bias add): then the
+    chain is one table per index of that axis."""
     found = []
     for q in g.nodes:
         if not (q.domain == DOMAIN and q.op_type == QUANTIZE) or id(q) in consumed:
@@ -297,6 +322,7 @@ def _find_luts(g, dtypes, consumed, graph_outputs) -> List[Dict[str, Any]]:
         source: Optional[Value] = None
         dq_node: Optional[Node] = None
         ok = True
+        axis: Optional[Tuple[int, int]] = None
         stack = [q.inputs[0]]
         seen: Set[int] = set()
         while stack and ok:
@@ -321,9 +347,20 @@ def _find_luts(g, dtypes, consumed, graph_outputs) -> List[Dict[str, Any]]:
             if p.domain not in ("", "ai.onnx") or p.op_type not in ELEMENTWISE_FLOAT_OPS or len(p.outputs) != 1:
                 ok = False
                 break
-            for i in p.inputs:
-                if i is not None and _is_const(i) and np.size(i.const_value) != 1:
+            if p.op_type == "BatchNormalization" and not all(_is_const(i) for i in p.inputs[1:]):
+                ok = False
+                break
+            rank = len(shapes.get(id(v), ()))
+            try:
+                ax = _channel_axis(p, rank)
+            except ValueError:
+                ok = False
+                break
+            if ax is not None:
+                if axis is not None and axis != ax:
                     ok = False
+                    break
+                axis = ax
             region.append(p)
             stack.extend(i for i in p.inputs if i is not None)
         if not ok or dq_node is None or not region:
@@ -333,7 +370,12 @@ def _find_luts(g, dtypes, consumed, graph_outputs) -> List[Dict[str, Any]]:
         if any(id(o) in graph_outputs or any(id(u[0]) not in members for u in o.uses)
                for n in region for o in n.outputs):
             continue
+        if axis is not None:
+            src_shape = shapes.get(id(source), ())
+            if len(src_shape) < 2 or src_shape[axis[0]] != axis[1] or \
+                    tuple(shapes.get(id(q.outputs[0]), ())) != tuple(src_shape):
+                continue
         ordered = [n for n in g.nodes if id(n) in {id(r) for r in region}]
         found.append({"quantize": q, "dequantize": dq_node, "source": source, "float_nodes": ordered,
-                      "nodes": ordered + [q]})
+                      "nodes": ordered + [q], "axis": axis})
     return found

@@ -224,10 +224,15 @@ def _collapse(space: Sequence[int], strides: List[List[int]]) -> Tuple[List[int]
 
 def _pointwise(ctx: Context, layer: Layer, space: Sequence[int], operands: List[Tuple[Slot, List[int], int]],
                out: Tuple[Slot, List[int], int], op: Optional[Callable], what: str,
-               on_attempt: Optional[Callable[[], None]] = None) -> None:
+               on_attempt: Optional[Callable[[], None]] = None, channel: Optional[List[int]] = None) -> None:
     """Tile an iteration space; operands = (slot, element strides over space, base element).
-    `op(in_refs, count) -> out_ref` emits the vector op (None: a plain copy)."""
-    dims, strides = _collapse(space, [o[1] for o in operands] + [out[1]])
+    `op(in_refs, count, where) -> out_ref` emits the vector op (None: a plain copy);
+    `where` = (tile dims, index of `channel` at the tile start, `channel` strides over
+    the tile dims) when `channel` (strides of a channel index over the space) is given."""
+    extra = [channel] if channel is not None else []
+    dims, strides = _collapse(space, [o[1] for o in operands] + [out[1]] + extra)
+    if extra:
+        chan = strides.pop()
     # at most three dims per DMA block: loop over the others
     outer_dims, dims3 = dims[:-3], dims[-3:]
     outer_strides = [s[:-3] for s in strides]
@@ -235,6 +240,8 @@ def _pointwise(ctx: Context, layer: Layer, space: Sequence[int], operands: List[
     pad = 3 - len(dims3)
     dims3 = [1] * pad + dims3
     st3 = [[0] * pad + s for s in st3]
+    if extra:
+        chan_outer, chan3 = chan[:-3], [0] * pad + chan[-3:]
     sizes = [o[0].esize for o in operands] + [out[0].esize]
     per_elem = sum(sizes) if op is not None else max(sizes)
     cap = ctx.emitter.capacity[Buf.ACT] // 2
@@ -278,7 +285,12 @@ def _pointwise(ctx: Context, layer: Layer, space: Sequence[int], operands: List[
                         for p in pending:
                             p()
                         pending.clear()
-                        res = op(refs, count) if op is not None else refs[0]
+                        where = None
+                        if extra:
+                            c0 = sum(i * cs for i, cs in zip(outer, chan_outer)) + i0 * chan3[0] + i1 * chan3[1] + \
+                                i2 * chan3[2]
+                            where = ((n0, n1, n2), c0, chan3)
+                        res = op(refs, count, where) if op is not None else refs[0]
                         oslot, _, ob = out
                         s = st3[-1]
                         dst = oslot.addr + (ob + base[-1] + i0 * s[0] + i1 * s[1] + i2 * s[2]) * oslot.esize
@@ -309,7 +321,7 @@ def lower_pointwise(ctx: Context, layer: Layer) -> None:
         return int(node.attr(name, default))
 
     if op == REQUANTIZE:
-        def fn(refs, count):
+        def fn(refs, count, where=None):
             dst = em.vbuf(Buf.ACT, count * ys.esize)
             em.vreq(ctx.layer, refs[0], ins[0].dtype, 1, count, 0, 1, dst, ys.dtype, 0, 1, attr("x_zero_point"), None,
                     0, attr("multiplier"), attr("shift"), attr("out_zero_point"), attr("out_min", -128),
@@ -327,41 +339,69 @@ def lower_pointwise(ctx: Context, layer: Layer) -> None:
             imm = dict(common, mult=attr("multiplier"), shift=attr("shift"))
             vop = Op.VMUL
 
-        def fn(refs, count):
+        def fn(refs, count, where=None):
             dst = em.vbuf(Buf.ACT, count * ys.esize)
             em.vbinary(ctx.layer, vop, refs[0], refs[1], dst, count, (ins[0].dtype, ins[1].dtype, ys.dtype), **imm)
             return dst
     elif op == "lut":
-        table = _lut_table(ctx, layer, ins[0], ys)
-        taddr = ctx.add_const(table.tobytes(), key=("lut", layer.name))
+        info = layer.attrs["info"]
+        tables = _lut_tables(ctx, layer, ins[0], ys)           # (channels, 256)
+        taddr = ctx.add_const(tables.tobytes(), key=("lut", layer.name))
         state = {}
+        channel = None
+        if info["axis"] is not None:
+            channel = [0] * len(space)
+            channel[info["axis"][0]] = 1
 
-        def fn(refs, count):
-            if "ref" not in state:  # the table is loaded once per layer and stays
-                state["ref"] = em.vbuf(Buf.WGT, 256)
-                em.load(ctx.layer, state["ref"], Space.CONST, taddr, DType.UINT8, (1, 1, 256), (0, 0, 1), (0, 0, 1))
+        def fn(refs, count, where=None):
+            nch, inner, c0 = 1, count, 0
+            if where is not None:
+                dims, c0, cstr = where
+                moving = [k for k in range(3) if cstr[k]]
+                if moving:
+                    k = moving[0]
+                    nch, inner = dims[k], int(np.prod(dims[k + 1:]))
+            key = (c0, nch)
+            if state.get("key") != key:  # a table (slice) stays loaded while tiles share it
+                state["key"] = key
+                state["ref"] = em.vbuf(Buf.WGT, 256 * nch)
+                em.load(ctx.layer, state["ref"], Space.CONST, taddr + 256 * c0, DType.UINT8, (1, 1, 256 * nch),
+                        (0, 0, 1), (0, 0, 1))
             dst = em.vbuf(Buf.ACT, count)
-            em.vlut(ctx.layer, refs[0], dst, count, ins[0].dtype, ys.dtype, state["ref"])
+            em.vlut(ctx.layer, refs[0], dst, count, ins[0].dtype, ys.dtype, state["ref"], inner, nch)
             return dst
 
-        layer.attrs["precision"] = "a8 (table)"
-        layer.attrs["lut"] = table.tolist()
-        _pointwise(ctx, layer, space, operands, out, fn, "lookup table", on_attempt=state.clear)
+        layer.attrs["precision"] = "a8 (table)" if channel is None else f"a8 ({tables.shape[0]} tables)"
+        _pointwise(ctx, layer, space, operands, out, fn, "lookup table", on_attempt=state.clear, channel=channel)
         return
     else:
         raise LoweringError(f"node {layer.name}: unknown pointwise op {op}")
     _pointwise(ctx, layer, space, operands, out, fn, f"{op}")
 
 
-def _lut_table(ctx: Context, layer: Layer, xs: Slot, ys: Slot) -> np.ndarray:
-    """The 256 outputs of the chain for every 8-bit input, computed by the integer
-    reference on the chain itself (so the table equals what the reference computes)."""
+def _lut_tables(ctx: Context, layer: Layer, xs: Slot, ys: Slot) -> np.ndarray:
+    """The chain's output for every 8-bit input (one row of 256 per channel when its
+    constants vary along a channel axis), computed by the integer reference on the
+    chain itself, so the tables equal what the reference computes."""
     from .host import run_chain
 
+    info = layer.attrs["info"]
     lo = -128 if xs.dtype == DType.INT8 else 0
-    values = np.arange(lo, lo + 256).astype(np.int8 if xs.dtype == DType.INT8 else np.uint8)
-    out = run_chain(ctx, layer.attrs["info"], values)
-    return np.asarray(out).astype(np.int8 if ys.dtype == DType.INT8 else np.uint8).reshape(256)
+    values = np.arange(lo, lo + 256)
+    if info["axis"] is None:
+        x = values
+    else:  # channels along their axis, the 256 values along a neighbouring one
+        axis, channels = info["axis"]
+        rank = len(xs.shape)
+        other = axis + 1 if axis + 1 < rank else axis - 1
+        shape = [1] * rank
+        shape[axis], shape[other] = channels, 256
+        x = np.broadcast_to(values.reshape([256 if d == other else 1 for d in range(rank)]), shape)
+    x = np.ascontiguousarray(x).astype(np.int8 if xs.dtype == DType.INT8 else np.uint8)
+    y = np.asarray(run_chain(ctx, info, x)).astype(np.int8 if ys.dtype == DType.INT8 else np.uint8)
+    if info["axis"] is None:
+        return y.reshape(1, 256)
+    return np.moveaxis(y, (axis, other), (0, 1)).reshape(channels, 256)
 
 
 def lower_move(ctx: Context, layer: Layer) -> None:

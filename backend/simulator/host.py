@@ -79,8 +79,9 @@ def quantize_input(x: np.ndarray, spec: Dict[str, Any]) -> np.ndarray:
     elif s.ndim:
         s, z = s.reshape(()), z.reshape(())
     info = np.iinfo(zdt)
+    lo, hi = spec.get("out_min", info.min), spec.get("out_max", info.max)   # narrow types in a container
     y = np.rint(x / s) + z.astype(np.float32)
-    return np.clip(y, info.min, info.max).astype(zdt)
+    return np.clip(y, lo, hi).astype(zdt)
 
 
 def dequantize_output(q: np.ndarray, spec: Dict[str, Any]) -> np.ndarray:
