@@ -356,9 +356,9 @@ class _Host:
         n2.attribute.extend(np_node.attribute)
         inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
                   for n, a in zip(ins, args) if a is not None]
-        outputs = [helper.make_tensor_value_info(
-            o, v.type.dtype.onnx_type if isinstance(v.type, TensorType) else onnx.TensorProto.FLOAT, None)
-            for o, v in zip(outs, node.outputs)]
+        # an output whose type the IR does not know gets none: onnxruntime infers it
+        outputs = [helper.make_tensor_value_info(o, v.type.dtype.onnx_type, None) if isinstance(v.type, TensorType)
+                   else helper.make_empty_tensor_value_info(o) for o, v in zip(outs, node.outputs)]
         graph = helper.make_graph([n2], "host", inputs, outputs)
         opsets = [helper.make_opsetid(d, v) for d, v in self.model.opset_imports.items() if d != DOMAIN]
         m = helper.make_model(graph, opset_imports=opsets, ir_version=min(self.model.ir_version, 10))
