@@ -28,6 +28,7 @@ EXTENSIONS = [
     Extension("qcompile._native.bitpack", ["qcompile/_native/bitpack.pyx"]),
     Extension("qcompile.backend.lowering._alloc", ["backend/lowering/_alloc.pyx"]),
     Extension("qcompile.backend.lowering._deps", ["backend/lowering/_deps.pyx"]),
+    Extension("qcompile.backend.lowering._tiling", ["backend/lowering/_tiling.pyx"]),
 ]
 
 setup(

@@ -3,7 +3,8 @@
 Stages, each with a name and a text dump (`--dump STAGE`):
   partition     the graph as accelerator layers, aliases, lookup tables, interface
                 conversions and HOST ops (plan.py)
-  schedule      per layer, the tiling and loop order chosen (matrix.py, vector.py)
+  schedule      per layer, the tiling and loop order chosen (matrix.py, vector.py;
+                candidate tilings ranked by the cost model in _tiling.pyx)
   allocation    DRAM tensors placed by liveness across layers, SRAM tiles by liveness
                 within each layer (_alloc.pyx), the peak use of each buffer
   instructions  the instruction stream with its dependency tokens (_deps.pyx), as

@@ -8,11 +8,13 @@ stored in the constant segment tile by tile, already in the K x N order the arra
 (sub-byte types packed), so each weight load is one contiguous DMA.
 
 Tiles: output channels (N), output rows (M = rows x width), and input-channel chunks
-(K) are chosen largest-first so that two of each tile fit the SRAM buffers (double
-buffering), M tiles in multiples of the array's rows where possible; the liveness
-allocator then places them, and a layer that still does not fit is retried with smaller
-tiles. Loop order: output-channel tiles outside (weights stay resident) or output rows
-outside (inputs stay resident), whichever moves fewer DRAM bytes.
+(K). The candidates are the largest tiles for which two of each fit the SRAM buffers
+(double buffering), with M rounded to multiples of the array's rows; they are ranked by
+estimated cycles (`_tiling.pyx`: the matrix unit's closed forms against the DMA time the
+loop order implies), the liveness allocator places the cheapest, and a layer that still
+does not fit is retried with the next. Loop order: output-channel tiles outside
+(weights stay resident) or output rows outside (inputs stay resident), whichever moves
+fewer DRAM bytes.
 
 Each output tile: bias preloaded into the accumulators by a broadcasting DMA, one
 MATMUL per K chunk, VREQ (per-channel multiplier and shift) into an output tile, and a
@@ -29,6 +31,7 @@ import numpy as np
 from qcompile.quant_math import QGEMM
 
 from ..isa import Buf, DType, DTYPE_BITS, Space
+from ._tiling import estimate
 from .context import Context, act_type, encode_weights, weight_type
 from .emitter import OutOfSram, Ref
 from .plan import Layer, LoweringError
@@ -104,22 +107,12 @@ def _fill_flag(ctx: Context, pipe: _Pipeline, b: Ref, first_k: bool, k: int, n: 
 
 def _estimate(ctx: Context, m_sizes: List[int], n_sizes: List[int], k_sizes: List[int], a_bytes: int,
               w_bytes: int, out_bytes: int) -> float:
-    """Estimated cycles of a tiling: the larger of the matrix unit's cycles (the closed
-    forms of the timing model) and the DMA's, which overlap."""
-    from ..simulator.timing import matmul_cycles
-
+    """Estimated cycles of a tiling (`_tiling.estimate`: the matrix unit's closed forms
+    against the DMA time, which overlap)."""
     t = ctx.target
-    rows, cols, flow = t.matrix.rows, t.matrix.cols, t.matrix.dataflow
-    compute = 0
-    for m in m_sizes:
-        for n in n_sizes:
-            for i, k in enumerate(k_sizes):
-                compute += matmul_cycles(m, k, n, rows, cols, flow, i == 0 or flow != "output-stationary")
-    reload = (min(a_bytes * len(n_sizes) + w_bytes, a_bytes + w_bytes * len(m_sizes)) if len(k_sizes) == 1
-              else a_bytes * len(n_sizes) + w_bytes * len(m_sizes))
-    transfers = len(m_sizes) * len(n_sizes) * (2 * len(k_sizes) + 3)
-    dma = (reload + out_bytes) / t.dram_bytes_per_cycle + transfers * t.dram_latency_cycles
-    return max(compute, dma) + 0.05 * min(compute, dma) + 1e-3 * transfers
+    return estimate(np.asarray(m_sizes, np.int64), np.asarray(n_sizes, np.int64), np.asarray(k_sizes, np.int64),
+                    t.matrix.rows, t.matrix.cols, t.matrix.dataflow == "output-stationary", int(a_bytes),
+                    int(w_bytes), int(out_bytes), float(t.dram_bytes_per_cycle), int(t.dram_latency_cycles))
 
 
 def _ranked(candidates: List[tuple], cost: Callable[[tuple], float], keep: int = 12) -> List[tuple]:

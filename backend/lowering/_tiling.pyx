@@ -1,0 +1,52 @@
+# cython: boundscheck=False, wraparound=False, cdivision=True, language_level=3
+"""The cost model that ranks tilings: estimated cycles of a layer for one choice of
+M, N and K tile sizes, from the matrix unit's closed forms (as in the simulator's
+timing model) and the DMA traffic the loop order implies. Called for every candidate
+tiling of every matrix layer (hundreds of candidates times thousands of tiles), hence
+compiled.
+"""
+from libc.stdint cimport int64_t
+
+
+cdef inline int64_t _cdiv(int64_t a, int64_t b):
+    return (a + b - 1) // b
+
+
+def matrix_cycles(int64_t[::1] m_sizes, int64_t[::1] n_sizes, int64_t[::1] k_sizes, int rows, int cols,
+                  bint output_stationary):
+    """Matrix-unit cycles of every (M, N, K) tile: output-stationary
+    ceil(M/R) ceil(N/C) K plus the fill (R + C - 2) per fold on the first K chunk;
+    weight-stationary ceil(K/R) ceil(N/C) (M + 2R + C - 2)."""
+    cdef Py_ssize_t i, j, k
+    cdef int64_t total = 0, folds
+    for i in range(m_sizes.shape[0]):
+        for j in range(n_sizes.shape[0]):
+            for k in range(k_sizes.shape[0]):
+                if output_stationary:
+                    folds = _cdiv(m_sizes[i], rows) * _cdiv(n_sizes[j], cols)
+                    total += folds * k_sizes[k]
+                    if k == 0:
+                        total += folds * (rows + cols - 2)
+                else:
+                    folds = _cdiv(k_sizes[k], rows) * _cdiv(n_sizes[j], cols)
+                    total += folds * (m_sizes[i] + 2 * rows + cols - 2)
+    return total
+
+
+def estimate(int64_t[::1] m_sizes, int64_t[::1] n_sizes, int64_t[::1] k_sizes, int rows, int cols,
+             bint output_stationary, int64_t a_bytes, int64_t w_bytes, int64_t out_bytes, double bytes_per_cycle,
+             int64_t latency):
+    """Estimated cycles: the larger of matrix and DMA time (they overlap), plus a little
+    of the smaller (imperfect overlap), plus a tie-breaker on the number of transfers."""
+    cdef int64_t compute = matrix_cycles(m_sizes, n_sizes, k_sizes, rows, cols, output_stationary)
+    cdef Py_ssize_t nm = m_sizes.shape[0], nn = n_sizes.shape[0], nk = k_sizes.shape[0]
+    cdef int64_t reload
+    if nk == 1:
+        reload = min(a_bytes * nn + w_bytes, a_bytes + w_bytes * nm)
+    else:
+        reload = a_bytes * nn + w_bytes * nm
+    cdef int64_t transfers = nm * nn * (2 * nk + 3)
+    cdef double dma = (reload + out_bytes) / bytes_per_cycle + transfers * latency
+    cdef double big = compute if compute > dma else dma
+    cdef double small = dma if compute > dma else compute
+    return big + 0.05 * small + 1e-3 * transfers
