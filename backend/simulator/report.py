@@ -93,19 +93,23 @@ def _si(n: float) -> str:
 
 
 def format_report(rep: Dict[str, Any]) -> str:
-    head = (f"{'#':>3} {'layer':<26} {'op':<12} {'unit':<6} {'prec':<6} {'MACs':>7} {'cycles':>8} {'matrix':>8} "
-            f"{'vector':>7} {'dma':>8} {'stall':>8} {'util':>5} {'SRAM B':>7} {'DRAM B':>7} {'energy nJ':>9}")
+    head = (f"{'#':>3} {'layer':<24} {'op':<12} {'output':<13} {'unit':<6} {'prec':<6} {'MACs':>6} {'cycles':>8} "
+            f"{'matrix':>8} {'vector':>7} {'dma':>8} {'stall':>8} {'util':>5} {'SRAM B':>6} {'DRAM B':>6} "
+            f"{'E mac':>7} {'E sram':>7} {'E dram':>8} {'E nJ':>8}")
     lines = [f"rain-sim report: target {rep['target']} ({rep['array']}, {rep['clock_mhz']:g} MHz), "
-             f"per inference ({rep['samples']} simulated)", head, "-" * len(head)]
+             f"per inference ({rep['samples']} simulated); energies in nJ", head, "-" * len(head)]
     for i, l in enumerate(rep["layers"]):
         if l["unit"] in ("-", "host"):
             continue
         c = l["cycles"]
         util = f"{100 * l['utilization']:.0f}%" if l["utilization"] is not None else "-"
-        e = sum(l["energy_pj"].values()) / 1e3
-        lines.append(f"{i:>3} {l['name'][:26]:<26} {l['op'][:12]:<12} {l['unit']:<6} {str(l['precision'])[:6]:<6} "
-                     f"{_si(l['macs']):>7} {c['span']:>8} {c['matrix']:>8} {c['vector']:>7} {c['dma']:>8} "
-                     f"{c['stall']:>8} {util:>5} {_si(l['sram_bytes']):>7} {_si(l['dram_bytes']):>7} {e:>9.2f}")
+        e = l["energy_pj"]
+        shape = "x".join(map(str, l["output"]))
+        lines.append(f"{i:>3} {l['name'][:24]:<24} {l['op'][:12]:<12} {shape[:13]:<13} {l['unit']:<6} "
+                     f"{str(l['precision'])[:6]:<6} {_si(l['macs']):>6} {c['span']:>8} {c['matrix']:>8} "
+                     f"{c['vector']:>7} {c['dma']:>8} {c['stall']:>8} {util:>5} {_si(l['sram_bytes']):>6} "
+                     f"{_si(l['dram_bytes']):>6} {e['mac'] / 1e3:>7.2f} {e['sram'] / 1e3:>7.2f} "
+                     f"{e['dram'] / 1e3:>8.2f} {sum(e.values()) / 1e3:>8.2f}")
     t = rep["total"]
     e = t["energy_pj"]
     mu = f"{100 * t['matrix_utilization']:.0f}%" if t["matrix_utilization"] is not None else "-"
