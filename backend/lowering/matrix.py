@@ -2,7 +2,8 @@
 
 A convolution is a GEMM without an im2col copy: the MATMUL instruction reads its A
 operand through a 2-D row pattern (output rows and columns at the stride) and a 3-D
-column pattern (input channel, kernel row, kernel column at the dilation) over an input
+column pattern (kernel row and column at the dilation, then input channel innermost, so
+that groups of consecutive K elements run along channels, as N:M sparsity groups do) over an input
 tile held in SRAM with its padding filled with the input zero point. The weights are
 stored in the constant segment tile by tile, already in the K x N order the array reads
 (sub-byte types packed), so each weight load is one contiguous DMA.
@@ -223,7 +224,7 @@ def lower_conv(ctx: Context, layer: Layer) -> None:
         def load_weights(g, n, k) -> Ref:
             (n0, nn), (c0, cn) = n, k
             co = g * mg + n0
-            tile = wv[co:co + nn, c0:c0 + cn].transpose(1, 2, 3, 0).reshape(cn * kh * kw, nn)
+            tile = wv[co:co + nn, c0:c0 + cn].transpose(2, 3, 1, 0).reshape(kh * kw * cn, nn)  # K = (kh, kw, c)
             data = encode_weights(tile, wtype)
             addr = ctx.add_const(data, key=("w", id(node), g, n0, c0))
             ref = em.vbuf(Buf.WGT, len(data))
@@ -255,8 +256,8 @@ def lower_conv(ctx: Context, layer: Layer) -> None:
                 pipe.flush()
                 cn = k[1]
                 ih_t = in_rows(rn)
-                em.matmul(ctx.layer, a, a_type, x_zp, (rn, ow), (sh * iwp, sw), (cn, kh, kw),
-                          (ih_t * iwp, dh * iwp, dw), wref, wtype, 0, nn, acc,
+                em.matmul(ctx.layer, a, a_type, x_zp, (rn, ow), (sh * iwp, sw), (kh, kw, cn),
+                          (dh * iwp, dw, ih_t * iwp), wref, wtype, 0, nn, acc,
                           _fill_flag(ctx, pipe, wref, ki == 0, cn * kh * kw, nn))
             out = em.vbuf(Buf.ACT, nn * mrows * osz)
             em.vreq(ctx.layer, acc, DType.INT32, mrows, nn, nn, 1, out, o_type, 1, mrows, 0, params, 1, 0, 0,
