@@ -336,7 +336,6 @@ class _Host:
         return list(sess.run(None, feeds))
 
     def _session(self, node: Node, args):
-        import onnx
         import onnxruntime as ort
         from onnx import helper
 

@@ -309,7 +309,7 @@ def _random_calibration(args, model) -> None:
 
 
 def _compile_for_target(args, int_model, target, float_proto: bytes, float_model) -> int:
-    from .backend.driver import compare_with_float, stack_samples
+    from .backend.driver import compare_with_float
     from .backend.lowering import STAGES, compile_program
     from .backend.program import save_program
     from .backend.simulator import format_report, simulate

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from ..isa import Buf, DType, dtype_code, encode, format_asm
+from ..isa import Buf, dtype_code, encode, format_asm
 from ..program import Program, TensorSlot
 from ._alloc import allocate
 from .context import Context, Slot

@@ -3,13 +3,13 @@ tensors, and the schedule record that `--dump schedule` prints."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
 from qcompile._native import pack_bits
 
-from ..isa import DType, DTYPE_BITS, dtype_code
+from ..isa import DType, DTYPE_BITS
 from ..program import TensorSlot
 from .emitter import Emitter
 from .plan import LoweringError
@@ -92,7 +92,3 @@ def encode_weights(matrix: np.ndarray, wtype: DType) -> bytes:
     if wtype in (DType.INT4, DType.INT2):
         return pack_bits(flat.astype(np.int32), 4 if wtype == DType.INT4 else 2)
     return flat.astype(np.uint8 if wtype == DType.UINT8 else np.int8).tobytes()
-
-
-def act_type(dtype) -> DType:
-    return dtype_code(dtype)

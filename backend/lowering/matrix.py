@@ -33,7 +33,7 @@ from qcompile.quant_math import QGEMM
 
 from ..isa import Buf, DType, DTYPE_BITS, Space
 from ._tiling import estimate
-from .context import Context, act_type, encode_weights, weight_type
+from .context import Context, encode_weights, weight_type
 from .emitter import OutOfSram, Ref
 from .plan import Layer, LoweringError
 

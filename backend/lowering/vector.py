@@ -22,7 +22,6 @@ from qcompile.quant_math import QADD, QMUL, REQUANTIZE
 
 from ..isa import Buf, DType, DTYPE_BITS, Op, PoolMode, Space
 from .context import Context, Slot
-from .emitter import OutOfSram, Ref
 from .matrix import _halvings, _schedule
 from .plan import Layer, LoweringError
 

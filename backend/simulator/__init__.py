@@ -8,11 +8,10 @@ the input's shape}. Outputs come back in the same convention, dequantized to flo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping
 
 import numpy as np
 
-from ..isa import DTYPE_NUMPY
 from ..program import Program, ProgramError, load_program
 from .functional import Machine, SimulationError, exact_matmul
 from .host import dequantize_output, quantize_input

@@ -15,7 +15,7 @@ reference uses.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import List
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided, sliding_window_view

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-import numpy as np
-
-from ..isa import Op, Unit
+from ..isa import Unit
 from ..program import Program
 from .energy import instruction_cost
 from .timing import Timeline
