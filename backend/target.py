@@ -83,6 +83,13 @@ class MatrixUnit:
     cols: int
     dataflow: str                   # "output-stationary" or "weight-stationary"
     precisions: Tuple[str, ...]     # subset of PRECISIONS, in PRECISIONS order
+    sparsity: Tuple[str, ...] = ()  # N:M weight patterns the array executes compressed, e.g. ("2:4",)
+    skip_zero_cycles: bool = False  # zero operands also save cycles (not only MAC energy)
+
+    def nm_patterns(self) -> Tuple[Tuple[int, int], ...]:
+        """The supported N:M patterns as (N, M), sparsest first."""
+        pairs = [tuple(int(x) for x in p.split(":")) for p in self.sparsity]
+        return tuple(sorted(pairs, key=lambda nm: nm[0] / nm[1]))
 
     @property
     def macs_per_cycle(self) -> int:
@@ -193,7 +200,8 @@ class Target:
             "description": self.description,
             "clock_mhz": self.clock_mhz,
             "matrix": {"rows": self.matrix.rows, "cols": self.matrix.cols, "dataflow": self.matrix.dataflow,
-                       "precisions": list(self.matrix.precisions)},
+                       "precisions": list(self.matrix.precisions), "sparsity": list(self.matrix.sparsity),
+                       "skip_zero_cycles": self.matrix.skip_zero_cycles},
             "vector": {"width": self.vector.width, "lut_entries": self.vector.lut_entries},
             "sram": {n: {"size_kib": _whole(self.sram[n].size_kib)} for n in SRAM_BUFFERS},
             "dram": {"bandwidth_gb_s": self.dram.bandwidth_gb_s, "latency_ns": self.dram.latency_ns},
@@ -327,7 +335,9 @@ _SECTIONS = {  # key: (kind, what it holds) for the messages about missing keys
 }
 _MATRIX = {"rows": "a positive integer: rows of the MAC array", "cols": "a positive integer: columns of the MAC array",
            "dataflow": f"one of {', '.join(DATAFLOWS)}",
-           "precisions": f"a list of operand precisions from {', '.join(PRECISIONS)}"}
+           "precisions": f"a list of operand precisions from {', '.join(PRECISIONS)}",
+           "sparsity": "a list of N:M weight patterns executed compressed, e.g. [\"2:4\", \"1:4\"] (optional)",
+           "skip_zero_cycles": "true or false: zero operands also save cycles, not only energy (optional)"}
 _VECTOR = {"width": "a positive integer: int32 lanes (elements per cycle)",
            "lut_entries": "a power of two: entries of the lookup table"}
 _SRAM_BUFFER = {"size_kib": "a positive number: size in KiB (1024 bytes)"}
@@ -411,7 +421,7 @@ class _Parser:
         return Target(name, description, clock, matrix, vector, sram, dram, energy, path)
 
     def matrix(self, data: Any) -> MatrixUnit:
-        m = self.table(data, "matrix", _MATRIX)
+        m = self.table(data, "matrix", _MATRIX, optional=("sparsity", "skip_zero_cycles"))
         rows = self.integer(m["rows"], "matrix.rows")
         cols = self.integer(m["cols"], "matrix.cols")
         dataflow = self.choice(m["dataflow"], "matrix.dataflow", DATAFLOWS)
@@ -425,7 +435,18 @@ class _Parser:
             if p in seen:
                 raise self.fail(f"matrix.precisions[{i}]", f"'{p}' is listed twice")
             seen.add(p)
-        return MatrixUnit(rows, cols, dataflow, tuple(p for p in PRECISIONS if p in seen))
+        patterns = m.get("sparsity", [])
+        if not isinstance(patterns, list):
+            raise self.fail("matrix.sparsity", f"expected a list of \"N:M\" strings, got {_describe(patterns)}")
+        for i, p in enumerate(patterns):
+            mm = re.fullmatch(r"(\d+):(\d+)", p) if isinstance(p, str) else None
+            if not mm or not 0 < int(mm.group(1)) < int(mm.group(2)) <= 16:
+                raise self.fail(f"matrix.sparsity[{i}]", f"expected \"N:M\" with 0 < N < M <= 16, got {_describe(p)}")
+        skip = m.get("skip_zero_cycles", False)
+        if not isinstance(skip, bool):
+            raise self.fail("matrix.skip_zero_cycles", f"expected true or false, got {_describe(skip)}")
+        return MatrixUnit(rows, cols, dataflow, tuple(p for p in PRECISIONS if p in seen), tuple(dict.fromkeys(patterns)),
+                          skip)
 
     def vector(self, data: Any) -> VectorUnit:
         v = self.table(data, "vector", _VECTOR)

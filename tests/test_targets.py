@@ -143,6 +143,8 @@ lut_entries = 256
 width = 32
 
 [matrix]
+skip_zero_cycles = false
+sparsity = ["2:4", "1:4", "4:8"]
 precisions = ["binary", "int2", "int4", "int8"]
 dataflow = "output-stationary"
 cols = 32
