@@ -19,6 +19,7 @@ PACKAGES = {
     "qcompile.passes.rules": "passes/rules",
     "qcompile.passes.quantize": "passes/quantize",
     "qcompile.passes.calibrate": "passes/calibrate",
+    "qcompile.passes.prune": "passes/prune",
     "qcompile.backend": "backend",
     "qcompile.backend.lowering": "backend/lowering",
     "qcompile.backend.simulator": "backend/simulator",

@@ -5,5 +5,6 @@ Importing this package registers every pass below with qcompile.passmanager; the
 """
 # importing the modules registers their passes
 from . import calibrate, canonicalize, dce, fold, infer_shapes, lower_integer, quantize, upgrade_opset  # noqa: F401
+from . import prune  # noqa: F401  (prune and sparsify)
 
-__all__ = ["calibrate", "canonicalize", "dce", "fold", "infer_shapes", "lower_integer", "quantize", "upgrade_opset"]
+__all__ = ["calibrate", "canonicalize", "dce", "fold", "infer_shapes", "lower_integer", "prune", "quantize", "upgrade_opset"]
