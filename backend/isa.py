@@ -40,7 +40,7 @@ import numpy as np
 
 __all__ = [
     "Unit", "Op", "Buf", "Space", "DType", "OpSpec", "SPECS", "Instr", "encode", "decode", "format_asm",
-    "parse_asm", "IsaError", "DTYPE_BITS", "DTYPE_NUMPY", "dtype_code", "PoolMode",
+    "parse_asm", "IsaError", "DTYPE_BITS", "DTYPE_NUMPY", "dtype_code", "PoolMode", "index_bits",
 ]
 
 
@@ -92,6 +92,11 @@ DTYPE_NUMPY = {DType.INT8: np.int8, DType.UINT8: np.uint8, DType.INT16: np.int16
                DType.FLOAT64: np.float64, DType.FLOAT16: np.float16}
 
 
+def index_bits(m: int) -> int:
+    """Bits of one row index inside an N:M group of m rows (MATMUL sp_m)."""
+    return max(1, (m - 1).bit_length())
+
+
 def dtype_code(dtype) -> DType:
     """The element type of a numpy dtype (byte-sized and larger types only)."""
     dt = np.dtype(dtype)
@@ -141,12 +146,14 @@ SPECS: Dict[Op, OpSpec] = {s.op: s for s in (
     _spec(Op.STORE, Unit.DMA, f"buf addr space dram dtype {_BLOCK}",
           "copy an n0 x n1 x n2 block from SRAM `buf`:`addr` (strides t0 t1 t2) to DRAM (strides s0 s1 s2)"),
     _spec(Op.MATMUL, Unit.MATRIX,
-          "a_addr a_type a_zp m0 m1 ms0 ms1 k0 k1 k2 ks0 ks1 ks2 b_addr b_buf b_type b_zp n acc fill",
+          "a_addr a_type a_zp m0 m1 ms0 ms1 k0 k1 k2 ks0 ks1 ks2 b_addr b_buf b_type b_zp n acc fill sp_n sp_m",
           "acc[m, n] += sum_k (A[m, k] - a_zp) * (B[k, n] - b_zp): A in ACT_BUF at a_addr, its m0 x m1 rows "
           "at strides ms0 ms1 and its k0 x k1 x k2 columns at strides ks0 ks1 ks2 (an implicit im2col); B a "
           "dense K x n matrix (K = k0*k1*k2, packed for sub-byte b_type) in b_buf at b_addr; acc an (m0*m1) x n "
           "row-major int32 tile in ACC_BUF. `fill`=1 marks the first instruction on a new output tile "
-          "(output-stationary) or new weights (weight-stationary): it pays the array's fill and drain"),
+          "(output-stationary) or new weights (weight-stationary): it pays the array's fill and drain. "
+          "sp_m > 0: B is stored N:M-compressed (N = sp_n kept values per group of sp_m rows, then their "
+          "row indices) and streams in sp_n/sp_m of the cycles"),
     _spec(Op.VFILL, Unit.VECTOR, "buf addr dtype count value", "set `count` elements of `buf` from `addr` to value"),
     _spec(Op.VREQ, Unit.VECTOR,
           "src_buf src dtype_in rows cols rs cs dst dtype_out drs dcs x_zp params per mult shift out_zp lo hi",

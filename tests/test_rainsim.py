@@ -133,9 +133,9 @@ def test_low_bit_weights_are_packed_and_exact(weights, target):
     assert prog.layers[0]["weight_type"] == wtype
     per_byte = {"INT4": 2, "INT2": 4, "BINARY": 8}[wtype]
     assert len(prog.const) < m * c * 9 // per_byte + 1024  # packed, not int8
-    mac = res.report["layers"][0]["energy_pj"]["mac"]
+    layer = res.report["layers"][0]
     e = TARGETS[target].energy
-    assert mac == pytest.approx(res.report["layers"][0]["macs"] * e.mac(
+    assert layer["energy_pj"]["mac"] == pytest.approx(layer["sparsity"]["macs_nonzero"] * e.mac(
         {"INT4": "int4", "INT2": "int2", "BINARY": "binary"}[wtype]), rel=1e-3)
 
 
@@ -315,7 +315,9 @@ def test_timeline_overlaps_units_and_energy_adds_up():
     assert t["macs"] == 80896
     e = t["energy_pj"]
     assert e["total"] == pytest.approx(e["mac"] + e["vector"] + e["sram"] + e["dram"] + e["static"], rel=1e-6)
-    assert e["mac"] == pytest.approx(80896 * target.energy.mac("int8"), rel=1e-6)
+    nonzero = sum(l["sparsity"]["macs_nonzero"] for l in res.report["layers"] if l["sparsity"])
+    assert 0 < nonzero < 80896   # zero activations (the padding, ReLU's zeros) skip MAC energy
+    assert e["mac"] == pytest.approx(nonzero * target.energy.mac("int8"), rel=1e-6)
     assert e["static"] == pytest.approx(target.energy.static_power_mw * 1e-3 * t["cycles"] /
                                         (target.clock_mhz * 1e6) * 1e12, rel=1e-6)
     assert t["dram_bytes"] == sum(l["dram_bytes"] for l in res.report["layers"])
@@ -336,3 +338,85 @@ def test_four_bit_activations_and_weights_bit_exact(target):
     prog, res = _check(int_model, {"input": data["input"][:8]}, target)
     assert {l["weight_type"] for l in prog.layers if l["unit"] == "matrix"} == {"INT4"}
     assert prog.inputs[0]["out_min"] == -8 and prog.inputs[0]["out_max"] == 7
+
+
+# -- sparsity ----------------------------------------------------------------------------------
+def _nm_weights(shape, n, m, axis=1):
+    """Random weights where every group of m consecutive entries along `axis` keeps n."""
+    w = RNG.standard_normal(shape).astype(np.float32)
+    moved = np.moveaxis(w, axis, -1)
+    groups = moved.reshape(moved.shape[:-1] + (moved.shape[-1] // m, m))
+    keep = np.argsort(-np.abs(groups), axis=-1)[..., :n]
+    mask = np.zeros_like(groups, bool)
+    np.put_along_axis(mask, keep, True, axis=-1)
+    return np.moveaxis((groups * mask).reshape(moved.shape), -1, axis)
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (4, 8)])
+@pytest.mark.parametrize("target", ["rain-sim", "rain-sim-ws", "tiny"])
+def test_nm_sparse_weights_run_compressed_and_exact(n, m, target):
+    c, k = 16, 32
+    w_conv = _nm_weights((k, c, 3, 3), n, m) * 0.3
+    w_fc = _nm_weights((10, k * 4), n, m)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[4, 4], strides=[4, 4]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "wf"], ["y"], transB=1)]
+    proto = _model(nodes, [("x", [1, c, 8, 8])], None, [("w", w_conv.astype(np.float32)),
+                                                         ("wf", w_fc.astype(np.float32))])
+    int_model = _integer(proto, [{"x": x} for x in _samples({"x": (1, c, 8, 8)}, 8)["x"]])
+    feeds = _samples({"x": (1, c, 8, 8)}, 3)
+    prog, res = _check(int_model, feeds, target)
+    matrix_layers = [l for l in res.report["layers"] if l["unit"] == "matrix"]
+    assert [l["sparsity"]["nm"] for l in matrix_layers] == [f"{n}:{m}"] * 2
+    assert all(i.args["sp_m"] == m for i in prog.instructions if i.op == Op.MATMUL)
+    for l in matrix_layers:
+        sp = l["sparsity"]
+        assert sp["macs_performed"] * m == l["macs"] * n      # only the kept weights are multiplied
+        assert sp["saved_cycles"] > 0 and sp["saved_dram_bytes"] > 0 and sp["saved_mac_energy_pj"] > 0
+    # the same model on a target without N:M support runs dense: more cycles, same outputs
+    d = TARGETS[target].to_dict()
+    d["name"], d["matrix"]["sparsity"] = "dense", []
+    dense_target = Target.from_dict(d, "test")
+    dense = simulate(compile_program(int_model, dense_target), dense_target, feeds)
+    for name in res.outputs:
+        assert np.array_equal(dense.outputs[name], res.outputs[name])
+    dense_matrix = sum(l["cycles"]["matrix"] for l in dense.report["layers"])
+    sparse_matrix = sum(l["cycles"]["matrix"] for l in res.report["layers"])
+    assert sparse_matrix < dense_matrix
+    assert all(l["sparsity"]["nm"] is None for l in dense.report["layers"] if l["sparsity"])
+
+
+def test_zero_skipping_saves_cycles_only_where_the_target_says_so():
+    c = 8
+    w = RNG.standard_normal((16, c, 3, 3)).astype(np.float32)
+    w[:, :, 1, :] = 0.0                                        # a third of the weights are zero
+    proto = _model([helper.make_node("Conv", ["x", "w"], ["a"], kernel_shape=[3, 3], pads=[1] * 4),
+                    helper.make_node("Relu", ["a"], ["y"])], [("x", [1, c, 8, 8])], None, [("w", w)])
+    int_model = _integer(proto, [{"x": x} for x in _samples({"x": (1, c, 8, 8)}, 8)["x"]])
+    feeds = _samples({"x": (1, c, 8, 8)}, 2)
+    gating = TARGETS["rain-sim"]
+    d = gating.to_dict()
+    d["name"], d["matrix"]["skip_zero_cycles"] = "skipping", True
+    skipping = Target.from_dict(d, "test")
+    a = simulate(compile_program(int_model, gating), gating, feeds)
+    b = simulate(compile_program(int_model, skipping), skipping, feeds)
+    la, lb = a.report["layers"][0], b.report["layers"][0]
+    assert la["sparsity"]["weight_density"] == pytest.approx(2 / 3, abs=0.01)
+    assert la["sparsity"]["macs_nonzero"] < 0.7 * la["macs"]   # zero weights gate the MAC energy on both
+    assert la["energy_pj"]["mac"] == pytest.approx(lb["energy_pj"]["mac"])
+    assert la["sparsity"]["saved_cycles"] == 0                 # ... but save cycles only where allowed
+    assert lb["cycles"]["matrix"] < la["cycles"]["matrix"]
+    for name in a.outputs:
+        assert np.array_equal(a.outputs[name], b.outputs[name])
+
+
+@pytest.mark.parametrize("bad, message", [(["3:2"], "0 < N < M"), (["2-4"], "N:M"), ("2:4", "expected a list")])
+def test_bad_sparsity_patterns_in_a_target_are_refused(bad, message):
+    from qcompile.backend.target import TargetError
+
+    d = load_target("rain-sim").to_dict()
+    d["matrix"]["sparsity"] = bad
+    with pytest.raises(TargetError, match="matrix.sparsity"):
+        Target.from_dict(d, "t.toml")

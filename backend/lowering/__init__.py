@@ -175,7 +175,9 @@ def _layer_record(layer: Layer, plan: Plan) -> dict:
     return {"name": layer.name, "op": layer.op_type, "kind": layer.kind, "unit": _UNIT_OF[layer.kind],
             "inputs": shapes, "output": list(plan.shapes.get(id(layer.outputs[0]), ())),
             "precision": layer.attrs.get("precision", "-"), "macs": int(layer.attrs.get("macs", 0)),
-            "weight_type": layer.attrs.get("weight_type"), "reason": layer.reason}
+            "weight_type": layer.attrs.get("weight_type"), "reason": layer.reason,
+            **{k: layer.attrs[k] for k in ("weight_density", "nm", "weight_dram_bytes", "weight_dram_bytes_dense")
+               if k in layer.attrs}}
 
 
 def _format_partition(plan: Plan) -> str:

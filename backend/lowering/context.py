@@ -3,18 +3,18 @@ tensors, and the schedule record that `--dump schedule` prints."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from qcompile._native import pack_bits
 
-from ..isa import DType, DTYPE_BITS
+from ..isa import DType, DTYPE_BITS, index_bits
 from ..program import TensorSlot
 from .emitter import Emitter
 from .plan import LoweringError
 
-__all__ = ["Context", "Slot", "weight_type", "encode_weights"]
+__all__ = ["Context", "Slot", "weight_type", "encode_weights", "nm_pattern", "compressed_bytes"]
 
 
 @dataclass
@@ -83,9 +83,42 @@ def weight_type(values: np.ndarray, bits: int, precisions) -> DType:
     return DType.INT8
 
 
-def encode_weights(matrix: np.ndarray, wtype: DType) -> bytes:
+def nm_pattern(matrix: np.ndarray, patterns, group_divides: int) -> Optional[Tuple[int, int]]:
+    """The sparsest supported (N, M) such that every group of M consecutive rows (K) of
+    every column holds at most N nonzero weights; groups must not straddle a block of
+    `group_divides` rows (a conv's channels per kernel position). None: dense."""
+    k = matrix.shape[0]
+    for n, m in patterns:
+        if k % m or group_divides % m:
+            continue
+        nz = (matrix.reshape(k // m, m, -1) != 0).sum(axis=1)
+        if nz.max(initial=0) <= n:
+            return n, m
+    return None
+
+
+def compressed_bytes(k: int, n: int, wtype: DType, nm: Optional[Tuple[int, int]]) -> int:
+    """Bytes of a K x n weight tile as stored (values, then N:M indices)."""
+    if nm is None:
+        return (k * n * DTYPE_BITS[wtype] + 7) // 8
+    kept = k // nm[1] * nm[0] * n
+    return (kept * DTYPE_BITS[wtype] + 7) // 8 + (kept * index_bits(nm[1]) + 7) // 8
+
+
+def encode_weights(matrix: np.ndarray, wtype: DType, nm: Optional[Tuple[int, int]] = None) -> bytes:
     """The bytes of a K x N weight tile as the matrix unit reads it (row-major; sub-byte
-    types packed LSB first; BINARY stores bit 1 for +1 and bit 0 for -1)."""
+    types packed LSB first; BINARY stores bit 1 for +1 and bit 0 for -1). With an N:M
+    pattern (n, m): for every group of m rows, the n kept values of each column (K/m*n x N,
+    row-major), then their row indices within the group (same order, log2(m) bits each)."""
+    if nm is not None:
+        n, m = nm
+        k, cols = matrix.shape
+        groups = np.asarray(matrix).reshape(k // m, m, cols)
+        # kept positions: nonzeros first, then the lowest zero rows, in increasing row order
+        order = np.argsort(groups == 0, axis=1, kind="stable")[:, :n, :]
+        order = np.sort(order, axis=1)
+        values = np.take_along_axis(groups, order, axis=1).reshape(k // m * n, cols)
+        return encode_weights(values, wtype) + pack_bits(order.reshape(-1).astype(np.int32), index_bits(m))
     flat = np.ascontiguousarray(matrix).reshape(-1)
     if wtype == DType.BINARY:
         return pack_bits((flat > 0).astype(np.int32), 1)

@@ -160,18 +160,20 @@ class Emitter:
                   n0=dims[0], n1=dims[1], n2=dims[2], s0=s[0], s1=s[1], s2=s[2], t0=t[0], t1=t[1], t2=t[2])
 
     def matmul(self, layer: int, a: Ref, a_type: DType, a_zp: int, mdims, mstrides, kdims, kstrides, b: Ref,
-               b_type: DType, b_zp: int, n: int, acc: Ref, fill: bool) -> None:
+               b_type: DType, b_zp: int, n: int, acc: Ref, fill: bool, nm=None) -> None:
+        from .context import compressed_bytes
+
         m = mdims[0] * mdims[1]
         k = kdims[0] * kdims[1] * kdims[2]
         b_buf = self.vbufs[b.vbuf][0]
-        b_bytes = (k * n * DTYPE_BITS[b_type] + 7) // 8
+        b_bytes = compressed_bytes(k, n, b_type, nm)
         foot = [(int(Buf.ACT), a, 0, span(list(mdims) + list(kdims), list(mstrides) + list(kstrides))),
                 (int(b_buf), b, 0, b_bytes), (int(Buf.ACC), acc, 0, m * n)]
         foot = [(mem, base, lo, hi, False) for mem, base, lo, hi in foot] + [(int(Buf.ACC), acc, 0, m * n, True)]
         self._add(Op.MATMUL, layer, foot, a_addr=a, a_type=int(a_type), a_zp=int(a_zp), m0=mdims[0], m1=mdims[1],
                   ms0=mstrides[0], ms1=mstrides[1], k0=kdims[0], k1=kdims[1], k2=kdims[2], ks0=kstrides[0],
                   ks1=kstrides[1], ks2=kstrides[2], b_addr=b, b_buf=int(b_buf), b_type=int(b_type), b_zp=int(b_zp),
-                  n=n, acc=acc, fill=int(bool(fill)))
+                  n=n, acc=acc, fill=int(bool(fill)), sp_n=nm[0] if nm else 0, sp_m=nm[1] if nm else 0)
 
     def vfill(self, layer: int, dst: Ref, dtype: DType, count: int, value: int) -> None:
         buf = self.vbufs[dst.vbuf][0]

@@ -33,7 +33,7 @@ from qcompile.quant_math import QGEMM
 
 from ..isa import Buf, DType, DTYPE_BITS, Space
 from ._tiling import estimate
-from .context import Context, encode_weights, weight_type
+from .context import Context, compressed_bytes, encode_weights, nm_pattern, weight_type
 from .emitter import OutOfSram, Ref
 from .plan import Layer, LoweringError
 
@@ -56,6 +56,22 @@ def _n_candidates(total: int, cols: int) -> List[int]:
         k //= 2
     out += [c for c in _halvings(min(total, cols)) if c < out[-1]]
     return sorted(set(out), reverse=True)
+
+
+def _streamed(k: int, nm) -> int:
+    """Rows of B the array streams: all K, or N/M of them for N:M-compressed weights."""
+    return k if nm is None else k // nm[1] * nm[0]
+
+
+def _sparsity_attrs(w: np.ndarray, nm) -> dict:
+    """What the report says about a layer's weights: density and the N:M pattern used."""
+    return {"weight_density": float(np.count_nonzero(w)) / max(w.size, 1),
+            "nm": None if nm is None else f"{nm[0]}:{nm[1]}"}
+
+
+def _count_weight_load(layer: Layer, stored: int, dense: int) -> None:
+    layer.attrs["weight_dram_bytes"] += stored
+    layer.attrs["weight_dram_bytes_dense"] += dense
 
 
 def _requant_params(node, count: int, n0: int, nt: int) -> np.ndarray:
@@ -161,21 +177,23 @@ def lower_conv(ctx: Context, layer: Layer) -> None:
         raise LoweringError(f"node {layer.name}: {a_type.name} activations on the matrix unit")
     wtype = weight_type(wv, layer.attrs.get("bits", 8), ctx.target.matrix.precisions)
     wbits = DTYPE_BITS[wtype]
+    nm = nm_pattern(wv.transpose(2, 3, 1, 0).reshape(kh * kw * cg, c_out), ctx.target.matrix.nm_patterns(), cg)
+    step = nm[1] if nm else 1       # K chunks keep whole N:M groups
     iwp = wd + pl + pr
     osz = ys.esize
     rows = ctx.target.matrix.rows
     bias_v = None if bias is None else np.asarray(bias.const_value, np.int32).reshape(-1)
     out_zp, lo, hi = int(node.attr("out_zero_point", 0)), int(node.attr("out_min", -128)), int(node.attr("out_max", 127))
     layer.attrs.update(precision=f"a{DTYPE_BITS[a_type]}w{wbits}", weight_type=wtype.name,
-                       macs=int(n_batch * c_out * oh * ow * cg * kh * kw))
+                       macs=int(n_batch * c_out * oh * ow * cg * kh * kw), **_sparsity_attrs(wv, nm))
 
     def in_rows(r: int) -> int:
         return (r - 1) * sh + (kh - 1) * dh + 1
 
     def candidates():
-        for kc in _halvings(cg):
+        for kc in sorted({step * h for h in _halvings(cg // step)}, reverse=True):
             for nt in _n_candidates(mg, ctx.target.matrix.cols):
-                wbytes = (kc * kh * kw * nt * wbits + 7) // 8 + 8 * nt
+                wbytes = compressed_bytes(kc * kh * kw, nt, wtype, nm) + 8 * nt
                 best = 0
                 for r in range(oh, 0, -1):
                     if _fits(ctx, kc * in_rows(r) * iwp + nt * r * ow * osz, wbytes, r * ow * nt):
@@ -191,20 +209,21 @@ def lower_conv(ctx: Context, layer: Layer) -> None:
         kc, nt, r = cand
         m_sizes = [min(r, oh - r0) * ow for r0 in range(0, oh, r)]
         n_sizes = [min(nt, mg - c0) for c0 in range(0, mg, nt)]
-        k_sizes = [min(kc, cg - c0) * kh * kw for c0 in range(0, cg, kc)]
+        k_sizes = [_streamed(min(kc, cg - c0) * kh * kw, nm) for c0 in range(0, cg, kc)]
         a_bytes = sum(in_rows(min(r, oh - r0)) for r0 in range(0, oh, r)) * iwp * cg
         return group * n_batch * _estimate(ctx, m_sizes, n_sizes, k_sizes, a_bytes,
-                                           (cg * kh * kw * mg * wbits + 7) // 8, mg * oh * ow * osz)
+                                           compressed_bytes(cg * kh * kw, mg, wtype, nm), mg * oh * ow * osz)
 
     def emit(cand) -> str:
         kc, nt, oht = cand
         em = ctx.emitter
         pipe = _Pipeline()
+        layer.attrs.update(weight_dram_bytes=0, weight_dram_bytes_dense=0)
         m_tiles = [(r0, min(oht, oh - r0)) for r0 in range(0, oh, oht)]
         n_tiles = [(c0, min(nt, mg - c0)) for c0 in range(0, mg, nt)]
         k_tiles = [(c0, min(kc, cg - c0)) for c0 in range(0, cg, kc)]
         in_bytes = sum(kcc * in_rows(r) * iwp for _, r in m_tiles for _, kcc in k_tiles)
-        w_bytes = int(np.ceil(cg * kh * kw * mg * wbits / 8))
+        w_bytes = compressed_bytes(cg * kh * kw, mg, wtype, nm)
         n_outer = len(k_tiles) > 1 or in_bytes * len(n_tiles) + w_bytes <= in_bytes + w_bytes * len(m_tiles)
 
         def load_input(b, g, m, k) -> Ref:
@@ -225,7 +244,8 @@ def lower_conv(ctx: Context, layer: Layer) -> None:
             (n0, nn), (c0, cn) = n, k
             co = g * mg + n0
             tile = wv[co:co + nn, c0:c0 + cn].transpose(2, 3, 1, 0).reshape(kh * kw * cn, nn)  # K = (kh, kw, c)
-            data = encode_weights(tile, wtype)
+            data = encode_weights(tile, wtype, nm)
+            _count_weight_load(layer, len(data), compressed_bytes(tile.shape[0], nn, wtype, None))
             addr = ctx.add_const(data, key=("w", id(node), g, n0, c0))
             ref = em.vbuf(Buf.WGT, len(data))
             em.load(ctx.layer, ref, Space.CONST, addr, DType.UINT8, (1, 1, len(data)), (0, 0, 1), (0, 0, 1))
@@ -258,7 +278,7 @@ def lower_conv(ctx: Context, layer: Layer) -> None:
                 ih_t = in_rows(rn)
                 em.matmul(ctx.layer, a, a_type, x_zp, (rn, ow), (sh * iwp, sw), (kh, kw, cn),
                           (dh * iwp, dw, ih_t * iwp), wref, wtype, 0, nn, acc,
-                          _fill_flag(ctx, pipe, wref, ki == 0, cn * kh * kw, nn))
+                          _fill_flag(ctx, pipe, wref, ki == 0, _streamed(cn * kh * kw, nm), nn), nm)
             out = em.vbuf(Buf.ACT, nn * mrows * osz)
             em.vreq(ctx.layer, acc, DType.INT32, mrows, nn, nn, 1, out, o_type, 1, mrows, 0, params, 1, 0, 0,
                     out_zp, lo, hi)
@@ -279,7 +299,8 @@ def lower_conv(ctx: Context, layer: Layer) -> None:
                         for n in n_tiles:
                             tile(b, g, m, n)
         pipe.flush()
-        return (f"conv {c_in}x{h}x{wd} -> {c_out}x{oh}x{ow} k{kh}x{kw} s{sh}x{sw} g{group} {wtype.name}: tiles "
+        return (f"conv {c_in}x{h}x{wd} -> {c_out}x{oh}x{ow} k{kh}x{kw} s{sh}x{sw} g{group} {wtype.name}"
+                f"{f' {nm[0]}:{nm[1]}-sparse' if nm else ''}: tiles "
                 f"out-channels {nt} x rows {oht} ({oht * ow} px) x in-channels {kc}; "
                 f"{len(n_tiles)}x{len(m_tiles)}x{len(k_tiles)} tiles, "
                 f"{'channel tiles outer (weights resident)' if n_outer else 'row tiles outer (inputs resident)'}")
@@ -324,13 +345,15 @@ def lower_gemm(ctx: Context, layer: Layer) -> None:
         if wtype not in (DType.INT8, DType.UINT8):
             raise LoweringError(f"node {layer.name}: {wtype.name} second operand on the matrix unit")
     wbits = DTYPE_BITS[wtype]
+    nm = nm_pattern(wv, ctx.target.matrix.nm_patterns(), k_dim) if w_const else None
+    step = nm[1] if nm else 1
     n_batch = int(np.prod(batch_shape, dtype=np.int64)) if batch_shape else 1
     mult = np.asarray(node.inputs[mi].const_value, np.int64).reshape(-1)
     shift = np.asarray(node.inputs[si].const_value, np.int64).reshape(-1)
     out_zp, lo, hi = int(node.attr("out_zero_point", 0)), int(node.attr("out_min", -128)), int(node.attr("out_max", 127))
     bias_v = None if bias is None else np.asarray(bias.const_value, np.int32).reshape(-1)
     layer.attrs.update(precision=f"a{DTYPE_BITS[a_type]}w{wbits}", weight_type=wtype.name,
-                       macs=int(n_batch * m_dim * k_dim * n_dim))
+                       macs=int(n_batch * m_dim * k_dim * n_dim), **(_sparsity_attrs(wv, nm) if w_const else {}))
 
     def batch_offset(slot, shape, b) -> int:
         """Element offset of batch index b in a [..., R, C] tensor broadcast to batch_shape."""
@@ -347,9 +370,9 @@ def lower_gemm(ctx: Context, layer: Layer) -> None:
         return int(sum(i * s for i, s in zip(idx, strides)))
 
     def candidates():
-        for kc in _halvings(k_dim):
+        for kc in sorted({step * h for h in _halvings(k_dim // step)}, reverse=True):
             for nt in _n_candidates(n_dim, ctx.target.matrix.cols):
-                wbytes = (kc * nt * wbits + 7) // 8 + 8 * nt
+                wbytes = compressed_bytes(kc, nt, wtype, nm) + 8 * nt
                 for mt in _halvings(m_dim):
                     if _fits(ctx, mt * kc + mt * nt * osz, wbytes, mt * nt):
                         yield kc, nt, mt
@@ -361,19 +384,20 @@ def lower_gemm(ctx: Context, layer: Layer) -> None:
         kc, nt, mt = cand
         m_sizes = [min(mt, m_dim - r0) for r0 in range(0, m_dim, mt)]
         n_sizes = [min(nt, n_dim - c0) for c0 in range(0, n_dim, nt)]
-        k_sizes = [min(kc, k_dim - c0) for c0 in range(0, k_dim, kc)]
-        return n_batch * _estimate(ctx, m_sizes, n_sizes, k_sizes, m_dim * k_dim, (k_dim * n_dim * wbits + 7) // 8,
-                                   m_dim * n_dim * osz)
+        k_sizes = [_streamed(min(kc, k_dim - c0), nm) for c0 in range(0, k_dim, kc)]
+        return n_batch * _estimate(ctx, m_sizes, n_sizes, k_sizes, m_dim * k_dim,
+                                   compressed_bytes(k_dim, n_dim, wtype, nm), m_dim * n_dim * osz)
 
     def emit(cand) -> str:
         kc, nt, mt = cand
         em = ctx.emitter
         pipe = _Pipeline()
+        layer.attrs.update(weight_dram_bytes=0, weight_dram_bytes_dense=0)
         m_tiles = [(r0, min(mt, m_dim - r0)) for r0 in range(0, m_dim, mt)]
         n_tiles = [(c0, min(nt, n_dim - c0)) for c0 in range(0, n_dim, nt)]
         k_tiles = [(c0, min(kc, k_dim - c0)) for c0 in range(0, k_dim, kc)]
         a_bytes = m_dim * k_dim
-        w_bytes = (k_dim * n_dim * wbits + 7) // 8
+        w_bytes = compressed_bytes(k_dim, n_dim, wtype, nm)
         n_outer = len(k_tiles) > 1 or a_bytes * len(n_tiles) + w_bytes <= a_bytes + w_bytes * len(m_tiles)
 
         def load_a(b, m, k) -> Ref:
@@ -386,7 +410,8 @@ def lower_gemm(ctx: Context, layer: Layer) -> None:
         def load_b(b, n, k) -> Ref:
             (n0, nn), (c0, cn) = n, k
             if w_const:
-                data = encode_weights(wv[c0:c0 + cn, n0:n0 + nn], wtype)
+                data = encode_weights(wv[c0:c0 + cn, n0:n0 + nn], wtype, nm)
+                _count_weight_load(layer, len(data), compressed_bytes(cn, nn, wtype, None))
                 addr = ctx.add_const(data, key=("w", id(node), n0, c0))
                 ref = em.vbuf(Buf.WGT, len(data))
                 em.load(ctx.layer, ref, Space.CONST, addr, DType.UINT8, (1, 1, len(data)), (0, 0, 1), (0, 0, 1))
@@ -422,7 +447,7 @@ def lower_gemm(ctx: Context, layer: Layer) -> None:
                 pipe.flush()
                 cn = k[1]
                 em.matmul(ctx.layer, a, a_type, x_zp, (1, rn), (0, cn), (1, 1, cn), (0, 0, 1), bref, wtype, b_zp, nn,
-                          acc, _fill_flag(ctx, pipe, bref, ki == 0, cn, nn))
+                          acc, _fill_flag(ctx, pipe, bref, ki == 0, _streamed(cn, nm), nn), nm)
             out = em.vbuf(Buf.ACT, rn * nn * osz)
             em.vreq(ctx.layer, acc, DType.INT32, rn, nn, nn, 1, out, o_type, nn, 1, 0, params, 1, 0, 0, out_zp, lo,
                     hi)

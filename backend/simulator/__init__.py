@@ -74,6 +74,14 @@ def simulate(program, target, feeds: Mapping[str, np.ndarray], timing: bool = Tr
         raw[spec["name"]] = t
         y = dequantize_output(t, spec) if spec["float"] else t
         outputs[spec["name"]] = y.reshape((n,) + tuple(spec["shape"]))
-    timeline = schedule(instrs, target)
-    report = build_report(program, target, timeline, n) if timing else {}
+    density = {}
+    for pc, pairs in machine.mac_pairs.items():
+        from .timing import streamed_rows
+
+        a = instrs[pc].args
+        performed = a["m0"] * a["m1"] * streamed_rows(instrs[pc]) * a["n"]
+        density[pc] = pairs / performed if performed else 1.0
+    timeline = schedule(instrs, target, density)
+    measured = {"mac_pairs": machine.mac_pairs, "act_nonzero": machine.act_nonzero}
+    report = build_report(program, target, timeline, n, measured) if timing else {}
     return SimResult(outputs, raw, report, timeline)

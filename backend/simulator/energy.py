@@ -1,6 +1,8 @@
 """Energy and traffic per instruction, from the target's energy table.
 
-  MACs        M x K x N per MATMUL at its weight precision (int8/int4/int2/binary);
+  MACs        M x K x N per MATMUL at its weight precision (int8/int4/int2/binary),
+              K counting only the kept rows of N:M-compressed weights, and only the
+              MACs whose operands are both nonzero (zeros gate the multiplier);
               depthwise MACs on the vector unit at the int8 figure
   vector      lane operations x `vector_op`: a requantization counts 4 (multiply,
               round, shift, clamp), a rescaled add 6, a product 5, a lookup 1, a pool
@@ -16,10 +18,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, Optional
 
 from ..isa import Buf, DTYPE_BITS, DType, Instr, Op
-from .timing import dma_bytes, dram_bytes, vector_elements
+from .timing import dma_bytes, dram_bytes, streamed_rows, vector_elements
 
 __all__ = ["Cost", "instruction_cost"]
 
@@ -31,7 +33,8 @@ _OPS_PER_ELEMENT = {Op.VREQ: 4, Op.VADD: 6, Op.VMUL: 5, Op.VLUT: 1, Op.VPOOL: 1,
 
 @dataclass
 class Cost:
-    macs: int = 0
+    macs: int = 0                  # MACs the array performs (N:M-compressed weights: only the kept ones)
+    macs_effective: float = 0.0    # of those, the ones whose operands are both nonzero (the rest skip energy)
     sram_bytes: Dict[str, int] = field(default_factory=dict)
     dram_bytes: int = 0
     energy: Dict[str, float] = field(default_factory=dict)   # pJ: mac, vector, sram, dram
@@ -43,7 +46,9 @@ def _sram(cost: Cost, target, buf: int, nbytes: int) -> None:
     cost.energy["sram"] = cost.energy.get("sram", 0.0) + nbytes * target.sram[key].pj_per_byte
 
 
-def instruction_cost(ins: Instr, target) -> Cost:
+def instruction_cost(ins: Instr, target, nonzero_pairs: Optional[float] = None) -> Cost:
+    """`nonzero_pairs`: a MATMUL's MACs with both operands nonzero (measured by the
+    functional simulation); zero operands gate the multiplier and cost no MAC energy."""
     c = Cost()
     a = ins.args
     op = ins.op
@@ -53,11 +58,12 @@ def instruction_cost(ins: Instr, target) -> Cost:
         c.energy["dram"] = c.dram_bytes * e.dram_pj_per_byte
         _sram(c, target, a["buf"], dma_bytes(ins))
     elif op == Op.MATMUL:
-        m, k, n = a["m0"] * a["m1"], a["k0"] * a["k1"] * a["k2"], a["n"]
+        m, k, n = a["m0"] * a["m1"], streamed_rows(ins), a["n"]
         rows, cols = target.matrix.rows, target.matrix.cols
         bt = DType(a["b_type"])
         c.macs = m * k * n
-        c.energy["mac"] = c.macs * e.mac(_PRECISION.get(bt, "int8"))
+        c.macs_effective = float(c.macs if nonzero_pairs is None else min(nonzero_pairs, c.macs))
+        c.energy["mac"] = c.macs_effective * e.mac(_PRECISION.get(bt, "int8"))
         b_bytes = math.ceil(k * n * DTYPE_BITS[bt] / 8)
         _sram(c, target, Buf.ACT, m * k * math.ceil(n / cols))
         if target.matrix.dataflow == "output-stationary":
@@ -69,6 +75,7 @@ def instruction_cost(ins: Instr, target) -> Cost:
     elif op == Op.VDWCONV:
         macs = vector_elements(ins)
         c.macs = macs
+        c.macs_effective = float(macs)
         c.energy["mac"] = macs * e.mac("int8")
         _sram(c, target, Buf.ACT, a["channels"] * a["ih"] * a["iw"])
         _sram(c, target, Buf.WGT, a["channels"] * a["kh"] * a["kw"])

@@ -24,7 +24,7 @@ from qcompile._native import unpack_bits
 from qcompile.errors import QCompileError
 from qcompile.quant_math import requantize
 
-from ..isa import Buf, DType, DTYPE_BITS, DTYPE_NUMPY, Instr, Op, PoolMode, Space
+from ..isa import Buf, DType, DTYPE_BITS, DTYPE_NUMPY, Instr, Op, PoolMode, Space, index_bits
 from ..program import Program
 from .host import HostRunner
 
@@ -55,6 +55,8 @@ class Machine:
         self.wgt = np.zeros((1, _round8(target.sram["weight"].size_bytes)), np.uint8)
         self.acc = np.zeros((n, target.sram["accumulator"].size_bytes // 4), np.int32)
         self.host = HostRunner(program)
+        self.mac_pairs: dict = {}      # MATMUL index -> MACs with both operands nonzero, per inference
+        self.act_nonzero: dict = {}    # MATMUL index -> fraction of A operands that are nonzero
 
     # -- memory views -------------------------------------------------------------
     def _mem(self, buf: int) -> np.ndarray:
@@ -116,20 +118,33 @@ class Machine:
         dst[...] = src
 
     def _weights(self, a, k: int, n: int, pc: int) -> np.ndarray:
-        """(Bw, K, n) int array of the B operand."""
+        """(Bw, K, n) int array of the B operand (decompressed when N:M-sparse)."""
         btype = DType(a["b_type"])
         mem = self._mem(a["b_buf"])
-        if DTYPE_BITS[btype] >= 8:
-            return self._block(mem, btype, a["b_addr"], 1, (k, n), (n, 1), f"instruction {pc} MATMUL B")
+        sp_n, sp_m = a["sp_n"], a["sp_m"]
         bits = DTYPE_BITS[btype]
-        nbytes = (k * n * bits + 7) // 8
-        raw = self._block(mem, DType.UINT8, a["b_addr"], 1, (nbytes,), (1,), f"instruction {pc} MATMUL B")
+        if not sp_m and bits >= 8:
+            return self._block(mem, btype, a["b_addr"], 1, (k, n), (n, 1), f"instruction {pc} MATMUL B")
+        rows = k // sp_m * sp_n if sp_m else k
+        vbytes = (rows * n * bits + 7) // 8
+        ibytes = (rows * n * index_bits(sp_m) + 7) // 8 if sp_m else 0
+        raw = self._block(mem, DType.UINT8, a["b_addr"], 1, (vbytes + ibytes,), (1,), f"instruction {pc} MATMUL B")
         out = []
         for row in raw:
-            vals = unpack_bits(np.ascontiguousarray(row).tobytes(), bits, k * n, btype != DType.BINARY)
-            if btype == DType.BINARY:
-                vals = 2 * vals - 1
-            out.append(vals.reshape(k, n).astype(np.int8))
+            data = np.ascontiguousarray(row).tobytes()
+            if bits >= 8:
+                vals = np.frombuffer(data[:vbytes], DTYPE_NUMPY[btype]).astype(np.int8)
+            else:
+                vals = unpack_bits(data[:vbytes], bits, rows * n, btype != DType.BINARY).astype(np.int8)
+                if btype == DType.BINARY:
+                    vals = (2 * vals - 1).astype(np.int8)
+            vals = vals.reshape(rows, n)
+            if sp_m:
+                idx = unpack_bits(data[vbytes:], index_bits(sp_m), rows * n, False).reshape(k // sp_m, sp_n, n)
+                dense = np.zeros((k // sp_m, sp_m, n), np.int8)
+                np.put_along_axis(dense, idx.astype(np.int64), vals.reshape(k // sp_m, sp_n, n), axis=1)
+                vals = dense.reshape(k, n)
+            out.append(vals)
         return np.stack(out)
 
     def _matmul(self, a, pc):
@@ -144,6 +159,12 @@ class Machine:
         B = self._weights(a, k, n, pc)
         acc = self._sram(Buf.ACC, DType.INT32, a["acc"], (m0 * m1, n), (n, 1), f"instruction {pc} MATMUL acc")
         acc += exact_matmul(A, a["a_zp"], B, a["b_zp"]).astype(np.int32)
+        # MACs whose two operands are both nonzero (the others skip their energy)
+        nz_a = (A != a["a_zp"]).reshape(-1, k).astype(np.float32)
+        nz_b = (B != a["b_zp"]).sum(axis=2, dtype=np.float32)                 # (Bw, K)
+        pairs = nz_a @ nz_b[0] if nz_b.shape[0] == 1 else np.einsum("smk,sk->sm", nz_a.reshape(A.shape), nz_b)
+        self.mac_pairs[pc] = float(pairs.sum()) / A.shape[0]
+        self.act_nonzero[pc] = float(nz_a.mean()) if nz_a.size else 1.0
 
     def _vfill(self, a, pc):
         v = self._sram(a["buf"], DType(a["dtype"]), a["addr"], (a["count"],), (1,), f"instruction {pc} VFILL")

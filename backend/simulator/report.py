@@ -9,9 +9,9 @@ the host. `format_report` prints the table; `report` is also plain JSON data.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
-from ..isa import Unit
+from ..isa import Op, Unit
 from ..program import Program
 from .energy import instruction_cost
 from .timing import Timeline
@@ -21,17 +21,34 @@ __all__ = ["build_report", "format_report"]
 _COMPONENTS = ("mac", "vector", "sram", "dram", "static")
 
 
-def build_report(program: Program, target, timeline: Timeline, samples: int) -> Dict[str, Any]:
+def build_report(program: Program, target, timeline: Timeline, samples: int,
+                 measured: Optional[Dict[str, Dict[int, float]]] = None) -> Dict[str, Any]:
+    """`measured`: from the functional run, per MATMUL index, "mac_pairs" (MACs with both
+    operands nonzero) and "act_nonzero" (the fraction of nonzero A operands)."""
+    from .timing import matmul_cycles
+
+    measured = measured or {}
+    pairs, act_nz = measured.get("mac_pairs", {}), measured.get("act_nonzero", {})
     instrs = program.instructions
     static_pj_per_cycle = target.energy.static_power_mw * 1e-3 / (target.clock_mhz * 1e6) * 1e12
     n_layers = len(program.layers)
     acc = [{"macs": 0, "sram": 0, "dram": 0, "energy": dict.fromkeys(_COMPONENTS, 0.0),
-            "busy": {u.name.lower(): 0 for u in Unit}, "stall": 0, "start": None, "end": 0, "count": 0}
+            "busy": {u.name.lower(): 0 for u in Unit}, "stall": 0, "start": None, "end": 0, "count": 0,
+            "effective": 0.0, "dense_macs": 0, "dense_cycles": 0, "a_elems": 0, "a_nonzero": 0.0}
            for _ in range(n_layers)]
+    rows, cols = target.matrix.rows, target.matrix.cols
     for i, ins in enumerate(instrs):
         rec = acc[ins.layer]
-        cost = instruction_cost(ins, target)
+        cost = instruction_cost(ins, target, pairs.get(i))
         rec["macs"] += cost.macs
+        rec["effective"] += cost.macs_effective
+        if ins.op == Op.MATMUL:
+            a = ins.args
+            m, k = a["m0"] * a["m1"], a["k0"] * a["k1"] * a["k2"]
+            rec["dense_macs"] += m * k * a["n"]
+            rec["dense_cycles"] += matmul_cycles(m, k, a["n"], rows, cols, target.matrix.dataflow, bool(a["fill"]))
+            rec["a_elems"] += m * k
+            rec["a_nonzero"] += m * k * act_nz.get(i, 1.0)
         rec["sram"] += sum(cost.sram_bytes.values())
         rec["dram"] += cost.dram_bytes
         for k, v in cost.energy.items():
@@ -43,22 +60,32 @@ def build_report(program: Program, target, timeline: Timeline, samples: int) -> 
         rec["start"] = s if rec["start"] is None else min(rec["start"], s)
         rec["end"] = max(rec["end"], int(timeline.end[i]))
         rec["count"] += 1
-    rows, cols = target.matrix.rows, target.matrix.cols
     layers: List[Dict[str, Any]] = []
     for meta, rec in zip(program.layers, acc):
         span = 0 if rec["start"] is None else rec["end"] - rec["start"]
         rec["energy"]["static"] = span * static_pj_per_cycle
         mat = rec["busy"]["matrix"]
+        sparsity = None
+        if rec["dense_macs"]:
+            mac_pj = rec["energy"]["mac"] / rec["effective"] if rec["effective"] else 0.0
+            sparsity = {
+                "weight_density": meta.get("weight_density"), "nm": meta.get("nm"),
+                "activation_zeros": 1.0 - rec["a_nonzero"] / rec["a_elems"],
+                "macs_performed": rec["macs"], "macs_nonzero": round(rec["effective"], 1),
+                "saved_cycles": rec["dense_cycles"] - mat,
+                "saved_mac_energy_pj": round((rec["dense_macs"] - rec["effective"]) * mac_pj, 3),
+                "saved_dram_bytes": meta.get("weight_dram_bytes_dense", 0) - meta.get("weight_dram_bytes", 0),
+            }
         layers.append({
             "name": meta["name"], "op": meta["op"], "unit": meta["unit"], "inputs": meta["inputs"],
-            "output": meta["output"], "precision": meta["precision"], "macs": rec["macs"] or meta.get("macs", 0),
+            "output": meta["output"], "precision": meta["precision"], "macs": meta.get("macs") or rec["macs"],
             "instructions": rec["count"],
             "cycles": {"span": span, "matrix": mat, "vector": rec["busy"]["vector"], "dma": rec["busy"]["dma"],
                        "stall": rec["stall"]},
             "utilization": (rec["macs"] / (mat * rows * cols)) if mat and meta["unit"] == "matrix" else None,
             "sram_bytes": rec["sram"], "dram_bytes": rec["dram"],
             "energy_pj": {k: round(v, 3) for k, v in rec["energy"].items()},
-            "host": meta["unit"] == "host", "reason": meta.get("reason", ""),
+            "host": meta["unit"] == "host", "reason": meta.get("reason", ""), "sparsity": sparsity,
         })
     total_cycles = timeline.total
     energy = {k: float(sum(r["energy"][k] for r in acc)) for k in _COMPONENTS if k != "static"}
@@ -73,7 +100,8 @@ def build_report(program: Program, target, timeline: Timeline, samples: int) -> 
             "cycles": total_cycles, "time_us": total_cycles / target.clock_mhz,
             "busy": busy, "utilization": {k: (v / total_cycles if total_cycles else 0.0) for k, v in busy.items()},
             "matrix_utilization": (total_macs / (busy["matrix"] * rows * cols)) if busy["matrix"] else None,
-            "stall": int(timeline.stall.sum()), "macs": total_macs,
+            "stall": int(timeline.stall.sum()), "macs": int(sum(l["macs"] for l in layers)),
+            "macs_performed": total_macs,
             "sram_bytes": int(sum(r["sram"] for r in acc)), "dram_bytes": int(sum(r["dram"] for r in acc)),
             "energy_pj": {k: round(v, 3) for k, v in energy.items()},
             "instructions": len(instrs),

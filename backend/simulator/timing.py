@@ -7,7 +7,9 @@ every start and end time (no cycle-by-cycle stepping): producers precede consume
 
 Durations (cycles):
   LOAD/STORE  DRAM latency + ceil(DRAM bytes / DRAM bytes per cycle)
-  MATMUL      on an R x C array for an M x K by K x N tile (SCALE-Sim 3.0's model):
+  MATMUL      on an R x C array for an M x K by K x N tile (SCALE-Sim 3.0's model; K is
+              the rows of B streamed: K N/M for N:M-compressed weights, and only the
+              nonzero operand pairs' share of them on a target with skip_zero_cycles):
               output-stationary: ceil(M/R) ceil(N/C) K, plus ceil(M/R) ceil(N/C) (R + C - 2)
                 for the instruction that starts an output tile (fill = 1);
               weight-stationary: ceil(K/R) ceil(N/C) M, plus ceil(K/R) ceil(N/C) (2R + C - 2)
@@ -24,13 +26,14 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Deque, Dict, List, Tuple
+from typing import Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ..isa import DTYPE_BITS, DType, Instr, Op, SPECS, Unit
 
-__all__ = ["Timeline", "instruction_cycles", "schedule", "matmul_cycles", "vector_elements", "dma_bytes", "dram_bytes"]
+__all__ = ["Timeline", "instruction_cycles", "schedule", "matmul_cycles", "vector_elements", "dma_bytes", "dram_bytes",
+           "streamed_rows"]
 
 
 def matmul_cycles(m: int, k: int, n: int, rows: int, cols: int, dataflow: str, fill: bool) -> int:
@@ -75,14 +78,26 @@ def dram_bytes(ins: Instr) -> int:
     return count * max(1, DTYPE_BITS[DType(a["dtype"])] // 8)
 
 
-def instruction_cycles(ins: Instr, target) -> int:
+def streamed_rows(ins: Instr) -> int:
+    """Rows of B a MATMUL streams through the array: K, or K N/M when N:M-compressed."""
+    a = ins.args
+    k = a["k0"] * a["k1"] * a["k2"]
+    return k // a["sp_m"] * a["sp_n"] if a["sp_m"] else k
+
+
+def instruction_cycles(ins: Instr, target, density: float = 1.0) -> int:
+    """Cycles of one instruction. `density`: the fraction of a MATMUL's MACs whose
+    operands are both nonzero; a target with skip_zero_cycles streams only those."""
     op = ins.op
     if op in (Op.LOAD, Op.STORE):
         return target.dram_latency_cycles + math.ceil(dram_bytes(ins) / target.dram_bytes_per_cycle)
     if op == Op.MATMUL:
         a = ins.args
-        return matmul_cycles(a["m0"] * a["m1"], a["k0"] * a["k1"] * a["k2"], a["n"], target.matrix.rows,
-                             target.matrix.cols, target.matrix.dataflow, bool(a["fill"]))
+        k = streamed_rows(ins)
+        if target.matrix.skip_zero_cycles and density < 1.0:
+            k = max(1, math.ceil(k * density))
+        return matmul_cycles(a["m0"] * a["m1"], k, a["n"], target.matrix.rows, target.matrix.cols,
+                             target.matrix.dataflow, bool(a["fill"]))
     if op == Op.HOST:
         return 0
     return math.ceil(vector_elements(ins) / target.vector.width)
@@ -104,7 +119,7 @@ class Timeline:
         return int((self.end[sel] - self.start[sel]).sum())
 
 
-def schedule(instrs: List[Instr], target) -> Timeline:
+def schedule(instrs: List[Instr], target, density: Optional[Dict[int, float]] = None) -> Timeline:
     """Start and end cycles of every instruction (see the module docstring)."""
     n = len(instrs)
     start = np.zeros(n, np.int64)
@@ -126,7 +141,7 @@ def schedule(instrs: List[Instr], target) -> Timeline:
                     raise SimulationError(f"instruction {i} ({ins.op.name}) waits for a token from "
                                           f"{Unit(v).name} that was never pushed: malformed program")
                 ready = max(ready, q.popleft())
-        dur = instruction_cycles(ins, target)
+        dur = instruction_cycles(ins, target, density.get(i, 1.0) if density else 1.0)
         start[i] = ready
         stall[i] = ready - free[u] if u != Unit.HOST else 0  # the host idles, it does not stall
         end[i] = ready + dur
