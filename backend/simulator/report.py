@@ -149,6 +149,17 @@ def format_report(rep: Dict[str, Any]) -> str:
         f"energy: {e['total'] / 1e6:.4f} uJ = MAC {e['mac'] / 1e3:.2f} nJ + vector {e['vector'] / 1e3:.2f} nJ + "
         f"SRAM {e['sram'] / 1e3:.2f} nJ + DRAM {e['dram'] / 1e3:.2f} nJ + static {e['static'] / 1e3:.2f} nJ",
     ]
+    sparse = [l for l in rep["layers"] if l.get("sparsity")]
+    if sparse:
+        nm = [f"{l['name']} {l['sparsity']['nm']}" for l in sparse if l["sparsity"]["nm"]]
+        performed = sum(l["sparsity"]["macs_performed"] for l in sparse)
+        nonzero = sum(l["sparsity"]["macs_nonzero"] for l in sparse)
+        lines.append(
+            f"sparsity: {len(nm)} layers with N:M weights{' (' + ', '.join(nm[:6]) + (' ...' if len(nm) > 6 else '') + ')' if nm else ''}; "
+            f"{100 * (1 - nonzero / performed) if performed else 0:.1f}% of performed MACs have a zero operand (no MAC "
+            f"energy); saved vs dense: {sum(l['sparsity']['saved_cycles'] for l in sparse)} matrix cycles, "
+            f"{sum(l['sparsity']['saved_mac_energy_pj'] for l in sparse) / 1e3:.2f} nJ MAC energy, "
+            f"{_si(sum(l['sparsity']['saved_dram_bytes'] for l in sparse))}B of weight DRAM traffic")
     if rep["host_ops"]:
         counts: Dict[str, int] = {}
         for h in rep["host_ops"]:
