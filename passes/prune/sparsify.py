@@ -43,6 +43,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from qcompile.analysis import infer_shapes
 from qcompile.errors import QCompileError
 from qcompile.ir import FLOAT, BOOL, Model, Node, TensorType, Value
 from qcompile.passmanager import Pass, PassResult, option, register_pass
@@ -186,6 +187,7 @@ class Sparsify(Pass):
     # -- activations ----------------------------------------------------------------
     def _activations(self, model: Model, source, layers: List[Weighted]) -> bool:
         g = model.graph
+        infer_shapes(model)
         inputs = {id(v) for v in g.inputs}
         acts: Dict[str, Value] = {}
         for w in layers:
