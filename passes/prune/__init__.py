@@ -287,9 +287,7 @@ class _Plan:
         return self._take(taken, len(taken))
 
     def _take(self, roots: List[int], k: int) -> Set[int]:
-        left = collections.Counter(id(p) for p, _ in self.cg.owner)
-        for a in self.cg.frozen:
-            left[id(self.cg.owner[a][0])] += 0
+        left = collections.Counter(id(p) for p, _ in self.cg.owner)  # channels each layer still has
         out: Set[int] = set()
         for r in roots:
             if len(out) >= k:
