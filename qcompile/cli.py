@@ -133,7 +133,8 @@ def _top_parser() -> argparse.ArgumentParser:
                       help="pass pipeline, e.g. 'canonicalize,dce' (default: none, a plain round trip)")
     comp.add_argument("-o", "--output", metavar="OUT.onnx", help="write the resulting model here")
     comp.add_argument("--calib", metavar="DATA.npz",
-                      help="calibration data for the pipeline's 'calibrate' pass (an .npz file or a folder of them)")
+                      help="calibration data for the pipeline's calibrate, prune and sparsify passes (an .npz file or "
+                           "a folder of them)")
     comp.add_argument("--print-ir-after", action="append", default=[], metavar="PASS",
                       help="print the IR to stderr after the named pass (repeatable)")
     comp.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass")
@@ -357,13 +358,15 @@ def _simulation_samples(args, float_model, program):
 
 
 def _give_calibration_data(manager, path: str) -> None:
-    """Point the pipeline's calibrate passes that name no data of their own at `path`."""
+    """Point the pipeline's passes that read data (calibrate, and prune's sensitivity
+    analysis or sparsify's activation thresholds) and name none of their own at `path`."""
     if not os.path.exists(path):
         raise QCompileError(f"--calib {path}: no such file or folder")
-    calibrators = [p for p in manager.passes if p.name == "calibrate"]
-    if not calibrators:
-        raise QCompileError(f"--calib {path}: the pipeline '{manager}' has no 'calibrate' pass to use it")
-    for p in calibrators:
+    readers = [p for p in manager.passes if p.name in ("calibrate", "prune", "sparsify")]
+    if not readers:
+        raise QCompileError(f"--calib {path}: the pipeline '{manager}' has no pass that reads data "
+                            "(calibrate, prune, sparsify)")
+    for p in readers:
         if "data" not in p.given_options:
             p.data = path
 
