@@ -144,7 +144,8 @@ SPECS: Dict[Op, OpSpec] = {s.op: s for s in (
           "copy an n0 x n1 x n2 block of `dtype` elements from DRAM `space`:`dram` (element strides s0 s1 s2; "
           "0 broadcasts) to SRAM `buf`:`addr` (element strides t0 t1 t2)"),
     _spec(Op.STORE, Unit.DMA, f"buf addr space dram dtype {_BLOCK}",
-          "copy an n0 x n1 x n2 block from SRAM `buf`:`addr` (strides t0 t1 t2) to DRAM (strides s0 s1 s2)"),
+          "copy an n0 x n1 x n2 block from SRAM `buf`:`addr` (strides t0 t1 t2) to DRAM (strides s0 s1 s2); "
+          "space must be ACT (the constant segment is read-only)"),
     _spec(Op.MATMUL, Unit.MATRIX,
           "a_addr a_type a_zp m0 m1 ms0 ms1 k0 k1 k2 ks0 ks1 ks2 b_addr b_buf b_type b_zp n acc fill sp_n sp_m",
           "acc[m, n] += sum_k (A[m, k] - a_zp) * (B[k, n] - b_zp): A in ACT_BUF at a_addr, its m0 x m1 rows "
@@ -153,11 +154,13 @@ SPECS: Dict[Op, OpSpec] = {s.op: s for s in (
           "row-major int32 tile in ACC_BUF. `fill`=1 marks the first instruction on a new output tile "
           "(output-stationary) or new weights (weight-stationary): it pays the array's fill and drain. "
           "sp_m > 0: B is stored N:M-compressed (N = sp_n kept values per group of sp_m rows, then their "
-          "row indices) and streams in sp_n/sp_m of the cycles"),
+          "row indices) and streams in sp_n/sp_m of the cycles. b_addr counts bytes of b_buf (WGT_BUF or "
+          "ACT_BUF)"),
     _spec(Op.VFILL, Unit.VECTOR, "buf addr dtype count value", "set `count` elements of `buf` from `addr` to value"),
     _spec(Op.VREQ, Unit.VECTOR,
           "src_buf src dtype_in rows cols rs cs dst dtype_out drs dcs x_zp params per mult shift out_zp lo hi",
-          "y[r, c] = saturate(((x[r, c] - x_zp) * M + 2^(s-1)) >> s + out_zp, lo, hi); x in src_buf "
+          "y[r, c] = saturate(((x[r, c] - x_zp) * M + 2^(s-1)) >> s + out_zp, lo, hi) (s = 0: no rounding, "
+          "no shift); x in src_buf "
           "(ACC_BUF or ACT_BUF) at strides rs cs, y in ACT_BUF at strides drs dcs; M and s are the immediates "
           "mult/shift when params < 0, otherwise int32 pairs (M, s) in WGT_BUF at params, one per column "
           "(per=1) or per row (per=2)"),
@@ -302,7 +305,7 @@ def parse_asm(text: str) -> List[Instr]:
             values[m.group(1)] = m.group(2)
         wait = _mask_parse(values.pop("wait", "-"), lineno)
         signal = _mask_parse(values.pop("signal", "-"), lineno)
-        layer = int(values.pop("layer", "0"))
+        layer = values.pop("layer", "0")
         unknown = sorted(set(values) - set(spec.fields))
         if unknown:
             raise IsaError(f"line {lineno}: {op.name} has no field {unknown[0]!r} (fields: {' '.join(spec.fields)})")
@@ -311,6 +314,7 @@ def parse_asm(text: str) -> List[Instr]:
             raise IsaError(f"line {lineno}: {op.name} needs field {missing[0]!r}")
         try:
             args = {f: int(values[f], 0) for f in spec.fields}
+            layer = int(layer, 0)
         except ValueError as e:
             raise IsaError(f"line {lineno}: {e}") from None
         out.append(Instr(op, args, wait, signal, layer))

@@ -10,7 +10,7 @@ File layout (little-endian):
     offset 0   magic  b"RSIM"
            4   format version (uint16), then 2 reserved bytes
            8   target fingerprint (16 bytes)
-          24   SHA-256 of every byte after offset 56 (32 bytes)
+          24   SHA-256 of every byte from offset 56 on (32 bytes)
           56   sections: tag (4 ASCII bytes), length (uint64), payload; in order
                META (UTF-8 JSON), CODE (int32 instruction words), CNST (constant
                segment; sub-byte weights packed), HOST (concatenated ONNX models of the
@@ -75,23 +75,19 @@ class TensorSlot:
 
 @dataclass
 class HostOp:
-    """An operation the accelerator lacks, run on the host between DRAM tensors.
-    kind: "onnx" (a one-node ONNX model in `model`), "quantize" or "dequantize" (ONNX
-    QuantizeLinear / DequantizeLinear arithmetic with `scale`, `zero_point`, `axis`)."""
+    """An operation the accelerator lacks, run on the host between DRAM tensors: a
+    one-node ONNX model in `model`; kind "onnx" runs in onnxruntime, kind "integer" (an
+    op of the qcompile.int domain) in the integer reference."""
     kind: str
     op_type: str
     name: str
     inputs: List[int]
     outputs: List[int]
     model: bytes = b""
-    scale: Optional[List[float]] = None
-    zero_point: Optional[List[int]] = None
-    axis: int = 1
 
     def to_json(self, offset: int) -> Dict[str, Any]:
         return {"kind": self.kind, "op_type": self.op_type, "name": self.name, "inputs": self.inputs,
-                "outputs": self.outputs, "model_offset": offset, "model_size": len(self.model),
-                "scale": self.scale, "zero_point": self.zero_point, "axis": self.axis}
+                "outputs": self.outputs, "model_offset": offset, "model_size": len(self.model)}
 
 
 @dataclass
@@ -170,8 +166,7 @@ class Program:
         code = np.frombuffer(sections[b"CODE"], dtype="<i4").copy()
         host_blob = sections[b"HOST"]
         host_ops = [HostOp(h["kind"], h["op_type"], h["name"], h["inputs"], h["outputs"],
-                           host_blob[h["model_offset"]:h["model_offset"] + h["model_size"]], h["scale"],
-                           h["zero_point"], h["axis"]) for h in meta["host_ops"]]
+                           host_blob[h["model_offset"]:h["model_offset"] + h["model_size"]]) for h in meta["host_ops"]]
         prog = cls(meta["target"], fingerprint, code, sections[b"CNST"], int(meta["arena_size"]),
                    [TensorSlot.from_json(t) for t in meta["tensors"]], meta["inputs"], meta["outputs"], host_ops,
                    meta["layers"], meta["info"])

@@ -88,6 +88,8 @@ def nm_pattern(matrix: np.ndarray, patterns, group_divides: int) -> Optional[Tup
     every column holds at most N nonzero weights; groups must not straddle a block of
     `group_divides` rows (a conv's channels per kernel position). None: dense."""
     k = matrix.shape[0]
+    if np.asarray(matrix).dtype == np.uint8:   # N:M applies to signed (symmetric) weights only
+        return None
     for n, m in patterns:
         if k % m or group_divides % m:
             continue

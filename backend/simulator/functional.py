@@ -55,6 +55,10 @@ class Machine:
         self.wgt = np.zeros((1, _round8(target.sram["weight"].size_bytes)), np.uint8)
         self.acc = np.zeros((n, target.sram["accumulator"].size_bytes // 4), np.int32)
         self.host = HostRunner(program)
+        # bytes each memory really has (the arrays are rounded up to whole words)
+        self.limit = {id(self.const): len(program.const), id(self.arena): program.arena_size,
+                      id(self.act): target.sram["activation"].size_bytes, id(self.acc): self.acc.shape[1] * 4}
+        self.wgt_limit = target.sram["weight"].size_bytes
         self.mac_pairs: dict = {}      # MATMUL index -> MACs with both operands nonzero, per inference
         self.act_nonzero: dict = {}    # MATMUL index -> fraction of A operands that are nonzero
 
@@ -69,6 +73,9 @@ class Machine:
     def _block(self, mem: np.ndarray, dtype: DType, addr_units: int, unit_bytes: int, dims, strides, what: str
                ) -> np.ndarray:
         """(B, *dims) view of `mem` at an address counted in `unit_bytes` units."""
+        if dtype not in DTYPE_NUMPY:
+            raise SimulationError(f"{what}: element type {dtype.name} cannot be addressed (sub-byte data moves as "
+                                  "UINT8 bytes)")
         typed = self._typed(mem, dtype)
         isz = typed.itemsize
         start_bytes = addr_units * unit_bytes
@@ -77,9 +84,10 @@ class Machine:
         start = start_bytes // isz
         last = start + sum((d - 1) * s for d, s in zip(dims, strides) if d > 0)
         low = start + sum((d - 1) * s for d, s in zip(dims, strides) if d > 0 and s < 0)
-        if low < 0 or last >= typed.shape[1] or start >= typed.shape[1]:
+        limit = self.limit.get(id(mem), self.wgt_limit if mem is self.wgt else mem.shape[1] * mem.itemsize) // isz
+        if low < 0 or last >= limit or start >= limit:
             raise SimulationError(f"{what}: block at {addr_units} (dims {list(dims)}, strides {list(strides)}) "
-                                  f"leaves its memory ({typed.shape[1]} {dtype.name} elements)")
+                                  f"leaves its memory ({limit} {dtype.name} elements)")
         base = typed[:, start:]
         return as_strided(base, shape=(typed.shape[0],) + tuple(dims),
                           strides=(typed.strides[0],) + tuple(s * isz for s in strides), writeable=True)
@@ -111,6 +119,9 @@ class Machine:
         dst[...] = src
 
     def _store(self, a, pc):
+        if a["space"] != Space.ACT:
+            raise SimulationError(f"instruction {pc} STORE: space {a['space']}: only the activation arena (1) is "
+                                  "writable")
         dtype = DType(a["dtype"])
         dims, s, t = (a["n0"], a["n1"], a["n2"]), (a["s0"], a["s1"], a["s2"]), (a["t0"], a["t1"], a["t2"])
         src = self._sram(a["buf"], dtype, a["addr"], dims, t, f"instruction {pc} STORE source")
@@ -120,6 +131,8 @@ class Machine:
     def _weights(self, a, k: int, n: int, pc: int) -> np.ndarray:
         """(Bw, K, n) int array of the B operand (decompressed when N:M-sparse)."""
         btype = DType(a["b_type"])
+        if a["b_buf"] not in (Buf.WGT, Buf.ACT):
+            raise SimulationError(f"instruction {pc} MATMUL: b_buf {a['b_buf']} must be WGT_BUF (1) or ACT_BUF (0)")
         mem = self._mem(a["b_buf"])
         sp_n, sp_m = a["sp_n"], a["sp_m"]
         bits = DTYPE_BITS[btype]
@@ -133,7 +146,7 @@ class Machine:
         for row in raw:
             data = np.ascontiguousarray(row).tobytes()
             if bits >= 8:
-                vals = np.frombuffer(data[:vbytes], DTYPE_NUMPY[btype]).astype(np.int8)
+                vals = np.frombuffer(data[:vbytes], DTYPE_NUMPY[btype])
             else:
                 vals = unpack_bits(data[:vbytes], bits, rows * n, btype != DType.BINARY).astype(np.int8)
                 if btype == DType.BINARY:
@@ -141,7 +154,7 @@ class Machine:
             vals = vals.reshape(rows, n)
             if sp_m:
                 idx = unpack_bits(data[vbytes:], index_bits(sp_m), rows * n, False).reshape(k // sp_m, sp_n, n)
-                dense = np.zeros((k // sp_m, sp_m, n), np.int8)
+                dense = np.full((k // sp_m, sp_m, n), a["b_zp"], vals.dtype)   # dropped weights are real zeros
                 np.put_along_axis(dense, idx.astype(np.int64), vals.reshape(k // sp_m, sp_n, n), axis=1)
                 vals = dense.reshape(k, n)
             out.append(vals)
@@ -168,12 +181,18 @@ class Machine:
 
     def _vfill(self, a, pc):
         v = self._sram(a["buf"], DType(a["dtype"]), a["addr"], (a["count"],), (1,), f"instruction {pc} VFILL")
+        if np.issubdtype(v.dtype, np.integer):
+            info = np.iinfo(v.dtype)
+            if not info.min <= a["value"] <= info.max:
+                raise SimulationError(f"instruction {pc} VFILL: value {a['value']} does not fit {v.dtype}")
         v[...] = a["value"]
 
     def _vreq(self, a, pc):
         x = self._sram(a["src_buf"], DType(a["dtype_in"]), a["src"], (a["rows"], a["cols"]), (a["rs"], a["cs"]),
                        f"instruction {pc} VREQ source")
         if a["params"] >= 0:
+            if a["per"] not in (1, 2):
+                raise SimulationError(f"instruction {pc} VREQ: per={a['per']} (1: per column, 2: per row)")
             count = a["cols"] if a["per"] == 1 else a["rows"]
             p = self._block(self.wgt, DType.INT32, a["params"], 1, (count, 2), (2, 1), f"instruction {pc} VREQ params")
             m, s = p[..., 0].astype(np.int64), p[..., 1].astype(np.int64)
@@ -205,6 +224,8 @@ class Machine:
     def _vlut(self, a, pc):
         c, nch = a["count"], a["nch"]
         tin, tout = DType(a["dtype_in"]), DType(a["dtype_out"])
+        if tin not in (DType.INT8, DType.UINT8):
+            raise SimulationError(f"instruction {pc} VLUT: the index must be INT8 or UINT8, got {tin.name}")
         x = self._sram(Buf.ACT, tin, a["src"], (c,), (1,), f"instruction {pc} VLUT source")
         tables = self._block(self.wgt, tout, a["table"], 1, (nch, 256), (256, 1), f"instruction {pc} VLUT tables")
         lo = -128 if tin == DType.INT8 else 0
@@ -224,6 +245,8 @@ class Machine:
         x = self._sram(Buf.ACT, dtype, a["src"], (c, ih, iw), (ih * iw, iw, 1), f"instruction {pc} {what} source")
         kh, kw, sh, sw, dh, dw = a["kh"], a["kw"], a["sh"], a["sw"], a["dh"], a["dw"]
         eh, ew = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+        if (a["oh"] - 1) * sh + eh > ih or (a["ow"] - 1) * sw + ew > iw:
+            raise SimulationError(f"instruction {pc} {what}: {a['oh']}x{a['ow']} windows do not fit the {ih}x{iw} plane")
         win = sliding_window_view(x, (eh, ew), axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
         return win[:, :, :a["oh"], :a["ow"]]
 
