@@ -7,18 +7,28 @@ weight buffer has one copy while it holds constants and gets a sample axis the f
 time a per-inference tensor is loaded into it (the second operand of attention's
 activation x activation matmuls).
 
+Each program is decoded once into a plan (cached on the `Program`): per instruction
+the handler and its operands, every memory block resolved to a byte offset, shape and
+byte strides and checked against its memory's true size, so running an instruction is
+one view per operand and the arithmetic. Malformed instructions are refused while the
+plan is made, with the same one-line errors. The SRAM arrays are only as large as the
+program uses (bounds are still checked against the target's sizes).
+
 Integer matrix work is exact: int8 x int8 products through `torch._int_mm` (int32
-accumulation) with the zero-point corrections added in int64, or float64 products
-(exact below 2^53) when torch is absent or an operand varies per sample. The
-requantization is `qcompile.quant_math.requantize`, the same function the integer
-reference uses.
+accumulation; the zero-point corrections are added modulo 2^32, as the int32
+accumulator does), or float64 products (exact below 2^53) when torch is absent, an
+operand is wider than 8 bits or varies per sample. Until something per-inference is
+loaded into the weight buffer, what a MATMUL reads from it is the same in every run,
+so its decoded form and column sums are kept in the plan.
+
+Requantization is `qcompile.quant_math.requantize` (the integer reference's rule),
+computed in float64 where that is provably bit-identical (`_requant`), else in int64.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided, sliding_window_view
 
 from qcompile._native import unpack_bits
 from qcompile.errors import QCompileError
@@ -28,7 +38,7 @@ from ..isa import Buf, DType, DTYPE_BITS, DTYPE_NUMPY, Instr, Op, PoolMode, Spac
 from ..program import Program
 from .host import HostRunner
 
-__all__ = ["Machine", "SimulationError"]
+__all__ = ["Machine", "SimulationError", "exact_matmul"]
 
 try:  # the exact int8 GEMM; optional
     import torch as _torch
@@ -36,6 +46,10 @@ try:  # the exact int8 GEMM; optional
 except ImportError:  # pragma: no cover - exercised by the torch-less CI step
     _torch = None
     _HAS_INT_MM = False
+
+# memories, as indexed in Machine.mem and in blocks
+ACT, WGT, ACC, CONST, ARENA = Buf.ACT, Buf.WGT, Buf.ACC, 3, 4
+Block = Tuple[int, np.dtype, int, Tuple[int, ...], Tuple[int, ...]]   # memory, dtype, byte offset, dims, byte strides
 
 
 class SimulationError(QCompileError):
@@ -48,102 +62,91 @@ class Machine:
     def __init__(self, program: Program, target, n: int):
         self.program = program
         self.n = n
-        self.const = np.zeros((1, _round8(len(program.const))), np.uint8)
-        self.const[0, :len(program.const)] = np.frombuffer(program.const, dtype=np.uint8)
+        self.limits = (target.sram["activation"].size_bytes, target.sram["weight"].size_bytes,
+                       target.sram["accumulator"].size_bytes // 4 * 4, len(program.const), program.arena_size)
+        self.plan = _Plan.of(program, program.instructions, self.limits)
         self.arena = np.zeros((n, _round8(program.arena_size)), np.uint8)
-        self.act = np.zeros((n, _round8(target.sram["activation"].size_bytes)), np.uint8)
-        self.wgt = np.zeros((1, _round8(target.sram["weight"].size_bytes)), np.uint8)
-        self.acc = np.zeros((n, target.sram["accumulator"].size_bytes // 4), np.int32)
-        self.host = HostRunner(program)
-        # bytes each memory really has (the arrays are rounded up to whole words)
-        self.limit = {id(self.const): len(program.const), id(self.arena): program.arena_size,
-                      id(self.act): target.sram["activation"].size_bytes, id(self.acc): self.acc.shape[1] * 4}
-        self.wgt_limit = target.sram["weight"].size_bytes
+        self.mem = [np.zeros((n, 8), np.uint8), np.zeros((1, 8), np.uint8), np.zeros((n, 2), np.int32),
+                    self.plan.const, self.arena]
+        self._grow(self.plan.size)
+        self.wgt_varies = False        # something per-inference was loaded into the weight buffer
+        self.host = self.plan.host
         self.mac_pairs: dict = {}      # MATMUL index -> MACs with both operands nonzero, per inference
         self.act_nonzero: dict = {}    # MATMUL index -> fraction of A operands that are nonzero
 
-    # -- memory views -------------------------------------------------------------
-    def _mem(self, buf: int) -> np.ndarray:
-        return (self.act, self.wgt, self.acc)[buf]
+    def _grow(self, size) -> None:
+        for buf in (ACT, WGT, ACC):
+            old = self.mem[buf]
+            if old.nbytes // old.shape[0] < size[buf]:
+                new = np.zeros((old.shape[0], _round8(size[buf]) // old.itemsize), old.dtype)
+                new[:, :old.shape[1]] = old
+                self.mem[buf] = new
 
-    def _typed(self, mem: np.ndarray, dtype: DType) -> np.ndarray:
-        npt = np.dtype(DTYPE_NUMPY[dtype])
-        return mem if mem.dtype == npt else mem.view(npt)
+    def _view(self, b: Block) -> np.ndarray:
+        """(B, *dims) view of a block; B is the memory's sample axis (1 for constants)."""
+        mem = self.mem[b[0]]
+        return np.ndarray((mem.shape[0],) + b[3], b[1], mem, b[2], (mem.strides[0],) + b[4])
 
-    def _block(self, mem: np.ndarray, dtype: DType, addr_units: int, unit_bytes: int, dims, strides, what: str
-               ) -> np.ndarray:
-        """(B, *dims) view of `mem` at an address counted in `unit_bytes` units."""
-        if dtype not in DTYPE_NUMPY:
-            raise SimulationError(f"{what}: element type {dtype.name} cannot be addressed (sub-byte data moves as "
-                                  "UINT8 bytes)")
-        typed = self._typed(mem, dtype)
-        isz = typed.itemsize
-        start_bytes = addr_units * unit_bytes
-        if start_bytes % isz:
-            raise SimulationError(f"{what}: address {addr_units} is not aligned to {dtype.name}")
-        start = start_bytes // isz
-        last = start + sum((d - 1) * s for d, s in zip(dims, strides) if d > 0)
-        low = start + sum((d - 1) * s for d, s in zip(dims, strides) if d > 0 and s < 0)
-        limit = self.limit.get(id(mem), self.wgt_limit if mem is self.wgt else mem.shape[1] * mem.itemsize) // isz
-        if low < 0 or last >= limit or start >= limit:
-            raise SimulationError(f"{what}: block at {addr_units} (dims {list(dims)}, strides {list(strides)}) "
-                                  f"leaves its memory ({limit} {dtype.name} elements)")
-        base = typed[:, start:]
-        return as_strided(base, shape=(typed.shape[0],) + tuple(dims),
-                          strides=(typed.strides[0],) + tuple(s * isz for s in strides), writeable=True)
-
-    def _sram(self, buf: int, dtype: DType, addr: int, dims, strides, what: str) -> np.ndarray:
-        unit = 4 if buf == Buf.ACC else 1
-        return self._block(self._mem(buf), dtype, addr, unit, dims, strides, what)
-
-    def _promote_wgt(self) -> None:
-        if self.wgt.shape[0] == 1 and self.n > 1:
-            self.wgt = np.repeat(self.wgt, self.n, axis=0)
-
-    # -- execution ------------------------------------------------------------------
     def run(self, instrs: List[Instr]) -> None:
-        table = {Op.LOAD: self._load, Op.STORE: self._store, Op.MATMUL: self._matmul, Op.VFILL: self._vfill,
-                 Op.VREQ: self._vreq, Op.VADD: self._vadd, Op.VMUL: self._vmul, Op.VLUT: self._vlut,
-                 Op.VPOOL: self._vpool, Op.VDWCONV: self._vdwconv, Op.HOST: self._host}
-        for pc, ins in enumerate(instrs):
-            table[ins.op](ins.args, pc)
+        plan = self.plan if instrs is self.plan.instrs else _Plan.of(self.program, instrs, self.limits)
+        self._grow(plan.size)
+        for fn, args in plan.steps:
+            fn(self, *args)
 
-    def _load(self, a, pc):
-        dtype = DType(a["dtype"])
-        dims, s, t = (a["n0"], a["n1"], a["n2"]), (a["s0"], a["s1"], a["s2"]), (a["t0"], a["t1"], a["t2"])
-        src_mem = self.const if a["space"] == Space.CONST else self.arena
-        src = self._block(src_mem, dtype, a["dram"], 1, dims, s, f"instruction {pc} LOAD source")
-        if a["buf"] == Buf.WGT and src.shape[0] > 1:
-            self._promote_wgt()
-        dst = self._sram(a["buf"], dtype, a["addr"], dims, t, f"instruction {pc} LOAD destination")
-        dst[...] = src
+    # -- the instructions (operands as decoded by _Plan) -----------------------------------
+    def _copy(self, src: Block, dst: Block, into_wgt: bool):
+        x = self._view(src)
+        if into_wgt:                    # a per-inference tensor enters the weight buffer
+            self.wgt_varies = True
+            if self.mem[WGT].shape[0] == 1 and self.n > 1:
+                self.mem[WGT] = np.repeat(self.mem[WGT], self.n, axis=0)
+        self._view(dst)[...] = x
 
-    def _store(self, a, pc):
-        if a["space"] != Space.ACT:
-            raise SimulationError(f"instruction {pc} STORE: space {a['space']}: only the activation arena (1) is "
-                                  "writable")
-        dtype = DType(a["dtype"])
-        dims, s, t = (a["n0"], a["n1"], a["n2"]), (a["s0"], a["s1"], a["s2"]), (a["t0"], a["t1"], a["t2"])
-        src = self._sram(a["buf"], dtype, a["addr"], dims, t, f"instruction {pc} STORE source")
-        dst = self._block(self.arena, dtype, a["dram"], 1, dims, s, f"instruction {pc} STORE destination")
-        dst[...] = src
+    def _matmul(self, pc: int, a_blk: Block, m: int, k: int, b, acc_blk: Block, za: int, zb: int):
+        av = self._view(a_blk)
+        s = av.shape[0]
+        A = av.reshape(s * m, k)        # the implicit im2col (a copy unless the block is dense)
+        constant = b[0] == WGT and not self.wgt_varies     # B is the same in every run (module doc)
+        cached = self.plan.cache.get(pc) if constant else None
+        B = cached[0] if cached is not None and cached[0] is not None else self._weights(b, zb)
+        acc = self._view(acc_blk)
+        if _HAS_INT_MM and B.shape[0] == 1 and A.dtype.itemsize == 1 and B.dtype.itemsize == 1:
+            b8, zb8 = _as_int8(B[0], zb)
+            if cached is None:
+                cached = _weight_sums(B if b[1] != "dense" else None, b8, zb8, np.not_equal(B[0], zb).sum(axis=1))
+                if constant:
+                    self.plan.cache[pc] = cached
+            _, colsum, nz_digits = cached
+            a8, za8 = _as_int8(A, za)
+            raw = _torch._int_mm(_torch.from_numpy(a8), _torch.from_numpy(b8)).numpy()
+            acc += raw.reshape(acc.shape)
+            if zb8:                     # modulo 2^32, as the int32 accumulator
+                acc -= (zb8 * a8.sum(axis=1, dtype=np.int64)).astype(np.int32).reshape(s, m, 1)
+            corr = k * za8 * zb8 - za8 * colsum
+            if np.any(corr):
+                acc += corr.astype(np.int32)
+            # MACs whose two operands are both nonzero (the others skip their energy)
+            nz = np.not_equal(a8, za8)
+            sums = _torch._int_mm(_torch.from_numpy(nz.view(np.int8)), _torch.from_numpy(nz_digits)).numpy()
+            sums = sums.sum(axis=0, dtype=np.int64)
+            pairs, nonzero = int(sums[0] + 128 * sums[1] + 16384 * sums[2]), int(sums[3])
+        else:
+            acc += np.rint(np.matmul(A.reshape(s, m, k).astype(np.float64) - za, B.astype(np.float64) - zb)
+                           ).astype(np.int64).astype(np.int32)
+            col = np.not_equal(A, za).reshape(s, m, k).sum(axis=1)                  # (s, K)
+            pairs = int((col * np.not_equal(B, zb).sum(axis=2)).sum())
+            nonzero = int(col.sum())
+        self.mac_pairs[pc] = pairs / s
+        self.act_nonzero[pc] = nonzero / A.size if A.size else 1.0
 
-    def _weights(self, a, k: int, n: int, pc: int) -> np.ndarray:
-        """(Bw, K, n) int array of the B operand (decompressed when N:M-sparse)."""
-        btype = DType(a["b_type"])
-        if a["b_buf"] not in (Buf.WGT, Buf.ACT):
-            raise SimulationError(f"instruction {pc} MATMUL: b_buf {a['b_buf']} must be WGT_BUF (1) or ACT_BUF (0)")
-        mem = self._mem(a["b_buf"])
-        sp_n, sp_m = a["sp_n"], a["sp_m"]
+    def _weights(self, b, zb: int) -> np.ndarray:
+        """(Bw, K, n) int array of the B operand (decoded when packed or N:M-sparse)."""
+        if b[1] == "dense":
+            return self._view(b[2])
+        _, _, blk, btype, k, n, rows, vbytes, sp_n, sp_m = b
         bits = DTYPE_BITS[btype]
-        if not sp_m and bits >= 8:
-            return self._block(mem, btype, a["b_addr"], 1, (k, n), (n, 1), f"instruction {pc} MATMUL B")
-        rows = k // sp_m * sp_n if sp_m else k
-        vbytes = (rows * n * bits + 7) // 8
-        ibytes = (rows * n * index_bits(sp_m) + 7) // 8 if sp_m else 0
-        raw = self._block(mem, DType.UINT8, a["b_addr"], 1, (vbytes + ibytes,), (1,), f"instruction {pc} MATMUL B")
         out = []
-        for row in raw:
+        for row in self._view(blk):
             data = np.ascontiguousarray(row).tobytes()
             if bits >= 8:
                 vals = np.frombuffer(data[:vbytes], DTYPE_NUMPY[btype])
@@ -154,140 +157,153 @@ class Machine:
             vals = vals.reshape(rows, n)
             if sp_m:
                 idx = unpack_bits(data[vbytes:], index_bits(sp_m), rows * n, False).reshape(k // sp_m, sp_n, n)
-                dense = np.full((k // sp_m, sp_m, n), a["b_zp"], vals.dtype)   # dropped weights are real zeros
+                dense = np.full((k // sp_m, sp_m, n), zb, vals.dtype)   # dropped weights are real zeros
                 np.put_along_axis(dense, idx.astype(np.int64), vals.reshape(k // sp_m, sp_n, n), axis=1)
                 vals = dense.reshape(k, n)
             out.append(vals)
         return np.stack(out)
 
-    def _matmul(self, a, pc):
-        m0, m1 = a["m0"], a["m1"]
-        kd = (a["k0"], a["k1"], a["k2"])
-        k = kd[0] * kd[1] * kd[2]
-        n = a["n"]
-        atype = DType(a["a_type"])
-        av = self._sram(Buf.ACT, atype, a["a_addr"], (m0, m1) + kd,
-                        (a["ms0"], a["ms1"], a["ks0"], a["ks1"], a["ks2"]), f"instruction {pc} MATMUL A")
-        A = av.reshape(av.shape[0], m0 * m1, k)
-        B = self._weights(a, k, n, pc)
-        acc = self._sram(Buf.ACC, DType.INT32, a["acc"], (m0 * m1, n), (n, 1), f"instruction {pc} MATMUL acc")
-        acc += exact_matmul(A, a["a_zp"], B, a["b_zp"]).astype(np.int32)
-        # MACs whose two operands are both nonzero (the others skip their energy)
-        nz_a = (A != a["a_zp"]).reshape(-1, k).astype(np.float32)
-        nz_b = (B != a["b_zp"]).sum(axis=2, dtype=np.float32)                 # (Bw, K)
-        pairs = nz_a @ nz_b[0] if nz_b.shape[0] == 1 else np.einsum("smk,sk->sm", nz_a.reshape(A.shape), nz_b)
-        self.mac_pairs[pc] = float(pairs.sum()) / A.shape[0]
-        self.act_nonzero[pc] = float(nz_a.mean()) if nz_a.size else 1.0
+    def _vfill(self, blk: Block, value: int):
+        self._view(blk)[...] = value
 
-    def _vfill(self, a, pc):
-        v = self._sram(a["buf"], DType(a["dtype"]), a["addr"], (a["count"],), (1,), f"instruction {pc} VFILL")
-        if np.issubdtype(v.dtype, np.integer):
-            info = np.iinfo(v.dtype)
-            if not info.min <= a["value"] <= info.max:
-                raise SimulationError(f"instruction {pc} VFILL: value {a['value']} does not fit {v.dtype}")
-        v[...] = a["value"]
-
-    def _vreq(self, a, pc):
-        x = self._sram(a["src_buf"], DType(a["dtype_in"]), a["src"], (a["rows"], a["cols"]), (a["rs"], a["cs"]),
-                       f"instruction {pc} VREQ source")
-        if a["params"] >= 0:
-            if a["per"] not in (1, 2):
-                raise SimulationError(f"instruction {pc} VREQ: per={a['per']} (1: per column, 2: per row)")
-            count = a["cols"] if a["per"] == 1 else a["rows"]
-            p = self._block(self.wgt, DType.INT32, a["params"], 1, (count, 2), (2, 1), f"instruction {pc} VREQ params")
+    def _vreq(self, src: Block, dst: Block, params: Optional[Block], per: int, mult: int, shift: int, x_zp: int,
+              out_zp: int, lo: int, hi: int):
+        x = self._view(src)
+        if params is not None:
+            p = self._view(params)
             m, s = p[..., 0].astype(np.int64), p[..., 1].astype(np.int64)
-            m = m[:, None, :] if a["per"] == 1 else m[:, :, None]
-            s = s[:, None, :] if a["per"] == 1 else s[:, :, None]
+            m = m[:, None, :] if per == 1 else m[:, :, None]
+            s = s[:, None, :] if per == 1 else s[:, :, None]
         else:
-            m, s = a["mult"], a["shift"]
-        y = requantize(x.astype(np.int64) - a["x_zp"], m, s, a["out_zp"], a["lo"], a["hi"])
-        dst = self._sram(Buf.ACT, DType(a["dtype_out"]), a["dst"], (a["rows"], a["cols"]), (a["drs"], a["dcs"]),
-                         f"instruction {pc} VREQ destination")
-        dst[...] = y.astype(dst.dtype)
+            m, s = mult, shift
+        self._store(self._view(dst), _requant(x, x_zp, _bound(x.dtype, x_zp), m, s, out_zp, lo, hi), lo, hi)
 
-    def _operands(self, a, pc, what):
-        c = a["count"]
-        x = self._sram(Buf.ACT, DType(a["dtype_a"]), a["a"], (c,), (1,), f"instruction {pc} {what} a")
-        y = self._sram(Buf.ACT, DType(a["dtype_b"]), a["b"], (c,), (1,), f"instruction {pc} {what} b")
-        d = self._sram(Buf.ACT, DType(a["dtype_out"]), a["dst"], (c,), (1,), f"instruction {pc} {what} dst")
-        return x.astype(np.int64) - a["a_zp"], y.astype(np.int64) - a["b_zp"], d
+    def _vadd(self, a: Block, b: Block, d: Block, a_zp, b_zp, ma, mb, shift, out_zp, lo, hi):
+        x, y = self._view(a), self._view(b)
+        bound = _bound(x.dtype, a_zp) * abs(ma) + _bound(y.dtype, b_zp) * abs(mb)
+        t = np.float64 if bound < 2 ** 53 else np.int64          # exact either way
+        acc = (x.astype(t) - a_zp) * ma + (y.astype(t) - b_zp) * mb
+        self._store(self._view(d), _requant(acc, 0, bound, 1, shift, out_zp, lo, hi), lo, hi)
 
-    def _vadd(self, a, pc):
-        x, y, d = self._operands(a, pc, "VADD")
-        acc = x * a["ma"] + y * a["mb"]
-        d[...] = requantize(acc, 1, a["shift"], a["out_zp"], a["lo"], a["hi"]).astype(d.dtype)
+    def _vmul(self, a: Block, b: Block, d: Block, a_zp, b_zp, mult, shift, out_zp, lo, hi):
+        x, y = self._view(a), self._view(b)
+        bound = _bound(x.dtype, a_zp) * _bound(y.dtype, b_zp)
+        t = np.float64 if bound < 2 ** 53 else np.int64
+        acc = (x.astype(t) - a_zp) * (y.astype(t) - b_zp)
+        self._store(self._view(d), _requant(acc, 0, bound, mult, shift, out_zp, lo, hi), lo, hi)
 
-    def _vmul(self, a, pc):
-        x, y, d = self._operands(a, pc, "VMUL")
-        d[...] = requantize(x * y, a["mult"], a["shift"], a["out_zp"], a["lo"], a["hi"]).astype(d.dtype)
+    @staticmethod
+    def _store(dst: np.ndarray, y: np.ndarray, lo: int, hi: int) -> None:
+        """dst = y for a requantized y (in [lo, hi], int32 or integer-valued float64);
+        a dst type narrower than lo..hi wraps, as the int32 result's cast does."""
+        info = np.iinfo(dst.dtype)
+        dst[...] = y if info.min <= lo and hi <= info.max else y.astype(np.int32).astype(dst.dtype)
 
-    def _vlut(self, a, pc):
-        c, nch = a["count"], a["nch"]
-        tin, tout = DType(a["dtype_in"]), DType(a["dtype_out"])
-        if tin not in (DType.INT8, DType.UINT8):
-            raise SimulationError(f"instruction {pc} VLUT: the index must be INT8 or UINT8, got {tin.name}")
-        x = self._sram(Buf.ACT, tin, a["src"], (c,), (1,), f"instruction {pc} VLUT source")
-        tables = self._block(self.wgt, tout, a["table"], 1, (nch, 256), (256, 1), f"instruction {pc} VLUT tables")
-        lo = -128 if tin == DType.INT8 else 0
-        idx = x.astype(np.int64) - lo
-        if nch > 1:
-            idx = idx + 256 * ((np.arange(c) // a["inner"]) % nch)
-        flat = tables.reshape(tables.shape[0], nch * 256)
-        d = self._sram(Buf.ACT, tout, a["dst"], (c,), (1,), f"instruction {pc} VLUT destination")
-        if flat.shape[0] == 1:
-            d[...] = flat[0][idx]
-        else:
-            d[...] = np.take_along_axis(flat, idx, axis=1)
+    def _vlut(self, src: Block, tables: Block, dst: Block, signed: bool, nch: int, chan: Optional[np.ndarray]):
+        x = self._view(src)
+        idx = x.view(np.uint8) ^ np.uint8(0x80) if signed else x.view(np.uint8)     # x - min(dtype_in)
+        t = self._view(tables)
+        flat = t.reshape(t.shape[0], nch * 256)
+        if chan is not None:
+            idx = idx + chan
+        d = self._view(dst)
+        d[...] = flat[0][idx] if flat.shape[0] == 1 else np.take_along_axis(flat, idx.astype(np.intp), axis=1)
 
-    def _planes(self, a, pc, what):
-        dtype = DType(a["dtype"])
-        c, ih, iw = a["channels"], a["ih"], a["iw"]
-        x = self._sram(Buf.ACT, dtype, a["src"], (c, ih, iw), (ih * iw, iw, 1), f"instruction {pc} {what} source")
-        kh, kw, sh, sw, dh, dw = a["kh"], a["kw"], a["sh"], a["sw"], a["dh"], a["dw"]
-        eh, ew = (kh - 1) * dh + 1, (kw - 1) * dw + 1
-        if (a["oh"] - 1) * sh + eh > ih or (a["ow"] - 1) * sw + ew > iw:
-            raise SimulationError(f"instruction {pc} {what}: {a['oh']}x{a['ow']} windows do not fit the {ih}x{iw} plane")
-        win = sliding_window_view(x, (eh, ew), axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
-        return win[:, :, :a["oh"], :a["ow"]]
-
-    def _vpool(self, a, pc):
-        win = self._planes(a, pc, "VPOOL")
-        dtype = DType(a["dtype"])
-        shape = (a["channels"], a["oh"], a["ow"])
-        if a["mode"] == PoolMode.MAX:
-            y = win.max(axis=(4, 5))
-            dst = self._sram(Buf.ACT, dtype, a["dst"], shape, (a["oh"] * a["ow"], a["ow"], 1), f"instruction {pc}")
-            dst[...] = y
+    def _vpool(self, src: Block, dst: Block, win, mode: int, x_zp, mult, shift, out_zp, lo, hi):
+        x = self._view(src)
+        d = self._view(dst)
+        if mode == PoolMode.MAX:
+            d[...] = _pool(x, win, np.maximum, x.dtype)
             return
-        acc = win.astype(np.int64).sum(axis=(4, 5)) - a["x_zp"] * (a["kh"] * a["kw"])
-        y = requantize(acc, a["mult"], a["shift"], a["out_zp"], a["lo"], a["hi"])
-        dst = self._sram(Buf.ACT, dtype, a["dst"], shape, (a["oh"] * a["ow"], a["ow"], 1), f"instruction {pc}")
-        dst[...] = y.astype(dst.dtype)
+        taps = win[0] * win[1]
+        bound = taps * _bound(x.dtype, x_zp)
+        acc = _pool(x, win, np.add, np.int32 if taps * _bound(x.dtype, 0) < 2 ** 31 else np.int64)
+        self._store(d, _requant(acc, x_zp * taps, bound, mult, shift, out_zp, lo, hi), lo, hi)
 
-    def _vdwconv(self, a, pc):
-        dtype = DType(a["dtype"])
-        c, ih, iw, oh, ow = a["channels"], a["ih"], a["iw"], a["oh"], a["ow"]
-        kh, kw, sh, sw, dh, dw = a["kh"], a["kw"], a["sh"], a["sw"], a["dh"], a["dw"]
-        x = self._sram(Buf.ACT, dtype, a["src"], (c, ih, iw), (ih * iw, iw, 1), f"instruction {pc} VDWCONV source")
-        w = self._block(self.wgt, DType.INT8, a["wgt"], 1, (c, kh, kw), (kh * kw, kw, 1), f"instruction {pc} weights")
-        acc = self._sram(Buf.ACC, DType.INT32, a["acc"], (c, oh, ow), (oh * ow, ow, 1), f"instruction {pc} acc")
-        xc = x.astype(np.int32) - a["x_zp"]
+    def _vdwconv(self, src: Block, wgt: Block, acc_blk: Block, x_zp: int, win):
+        kh, kw, sh, sw, dh, dw, oh, ow = win
+        xc = self._view(src).astype(np.int32) - x_zp
+        w = self._view(wgt).astype(np.int32)
+        acc = self._view(acc_blk)
         total = np.zeros(acc.shape, np.int32)
+        tmp = np.empty(acc.shape, np.int32)
         for i in range(kh):
             for j in range(kw):
                 r, q = i * dh, j * dw
                 tap = xc[:, :, r:r + (oh - 1) * sh + 1:sh, q:q + (ow - 1) * sw + 1:sw]
-                total += tap * w[:, :, i, j].astype(np.int32)[:, :, None, None]
+                total += np.multiply(tap, w[:, :, i, j][:, :, None, None], out=tmp)
         acc += total
 
-    def _host(self, a, pc):
-        self.host.run(a["index"], self.arena)
+    def _host(self, index: int):
+        self.host.run(index, self.arena)
+
+
+# -- exact arithmetic -----------------------------------------------------------------------
+def _bound(dtype: np.dtype, zp: int) -> int:
+    """The largest |x - zp| for x of `dtype` (beyond 2^53 for non-integer types: no float path)."""
+    if dtype.kind not in "iu":
+        return 2 ** 64
+    info = np.iinfo(dtype)
+    return max(abs(int(info.min) - int(zp)), abs(int(info.max) - int(zp)))
+
+
+def _requant(x: np.ndarray, x_zp: int, bound: int, m, s, zp: int, lo: int, hi: int) -> np.ndarray:
+    """requantize(x - x_zp, m, s, zp, lo, hi), bit for bit, for integer-valued x with
+    |x - x_zp| <= bound < 2^53. In float64 when exact, that is when 1 <= s <= 52 and
+    either bound * |m| < 2^52 or 2^(52 - s) >= max(hi - zp, zp - lo), because with
+    a = x - x_zp, P = a * m and r = m * 2^-s (exact in float64):
+      |P| < 2^52: a * r = P * 2^-s is representable, so fl(a * r) is exact, and so is
+        adding 1/2 (numerator P + 2^(s-1) below 2^53): floor gives (P + 2^(s-1)) >> s;
+      |P| >= 2^52: |P * 2^-s| >= T = 2^(52 - s) and the float result keeps that bound
+        and the sign (rounding is monotonic, T and T - 1/2 are representable), so the
+        exact and the float result both saturate to the same end of [lo, hi]."""
+    m_arr, s_arr = np.asarray(m, np.int64), np.asarray(s, np.int64)
+    s_lo, s_hi = int(s_arr.min(initial=1)), int(s_arr.max(initial=1))
+    m_max = int(np.abs(m_arr).max(initial=0))
+    if bound < 2 ** 53 and 1 <= s_lo and s_hi <= 52 and m_max < 2 ** 31 and \
+            (bound * m_max < 2 ** 52 or 2 ** (52 - s_hi) >= max(hi - zp, zp - lo)):
+        r = np.ldexp(m_arr.astype(np.float64), (-s_arr).astype(np.int32))
+        t = np.subtract(x, x_zp, dtype=np.float64)
+        t *= r
+        t += 0.5
+        np.floor(t, out=t)
+        t += zp
+        return np.clip(t, lo, hi, out=t)
+    return requantize(np.asarray(x).astype(np.int64) - x_zp, m, s, zp, lo, hi)
+
+
+def _pool(x: np.ndarray, win, op, dtype) -> np.ndarray:
+    """op-reduction (np.maximum or np.add, in `dtype`) of x's (S, C, H, W) planes over the windows."""
+    kh, kw, sh, sw, dh, dw, oh, ow = win
+    if oh == ow == 1:               # global: one reduction over the window
+        w = x[:, :, :(kh - 1) * dh + 1:dh, :(kw - 1) * dw + 1:dw]
+        return op.reduce(w.reshape(w.shape[0], w.shape[1], -1), axis=2, dtype=dtype).reshape(w.shape[:2] + (1, 1))
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            r, q = i * dh, j * dw
+            tap = x[:, :, r:r + (oh - 1) * sh + 1:sh, q:q + (ow - 1) * sw + 1:sw]
+            if y is None:
+                y = tap.astype(dtype)
+            else:
+                op(y, tap, out=y)
+    return y
+
+
+def _weight_sums(decoded: Optional[np.ndarray], b8: np.ndarray, zb8: int, cnt: np.ndarray):
+    """What the int8 GEMM needs of B beyond its int8 form b8 (K, n): the decoded B (kept
+    when packed), its column sums (for the zero-point terms) and the K x 8 int8 matrix
+    whose product with the indicator of nonzero A operands counts the nonzero operand
+    pairs (columns: base-128 digits of each row's count `cnt` of nonzero weights, ones)."""
+    digits = np.zeros((b8.shape[0], 8), np.int8)
+    digits[:, 0], digits[:, 1], digits[:, 2], digits[:, 3] = cnt & 127, (cnt >> 7) & 127, cnt >> 14, 1
+    return decoded, b8.sum(axis=0, dtype=np.int64), digits
 
 
 def exact_matmul(A: np.ndarray, za: int, B: np.ndarray, zb: int) -> np.ndarray:
     """sum_k (A - za) * (B - zb), exact, as int64: A is (N, M, K), B is (1 or N, K, n)."""
     n, m, k = A.shape
-    if _HAS_INT_MM and B.shape[0] == 1 and A.dtype.itemsize == 1 and B.dtype.itemsize <= 1 and m * n >= 16:
+    if _HAS_INT_MM and B.shape[0] == 1 and A.dtype.itemsize == 1 and B.dtype.itemsize <= 1:
         a8, za8 = _as_int8(A, za)
         b8, zb8 = _as_int8(B[0], zb)
         raw = _torch._int_mm(_torch.from_numpy(np.ascontiguousarray(a8.reshape(n * m, k))),
@@ -306,11 +322,11 @@ def exact_matmul(A: np.ndarray, za: int, B: np.ndarray, zb: int) -> np.ndarray:
 
 
 def _as_int8(x: np.ndarray, zp: int):
-    """(int8 array, zero point) with the same centred values x - zp."""
+    """(contiguous int8 array, zero point) with the same centred values x - zp."""
     if x.dtype == np.int8:
-        return x, int(zp)
+        return np.ascontiguousarray(x), int(zp)
     if x.dtype == np.uint8:
-        return (x.astype(np.int16) - 128).astype(np.int8), int(zp) - 128
+        return (x ^ np.uint8(0x80)).view(np.int8), int(zp) - 128
     xi = x.astype(np.int64)
     if xi.min(initial=0) < -128 or xi.max(initial=0) > 127:
         raise SimulationError("matrix operand does not fit 8 bits")
@@ -319,3 +335,171 @@ def _as_int8(x: np.ndarray, zp: int):
 
 def _round8(n: int) -> int:
     return max(8, (int(n) + 7) // 8 * 8)
+
+
+# -- decoding -------------------------------------------------------------------------------
+class _Plan:
+    """A program's instructions decoded for one set of memory sizes (see the module doc)."""
+
+    def __init__(self, program: Program, instrs: List[Instr], limits):
+        self.instrs, self.limits = instrs, limits
+        self.size = [8, 8, 8]                                  # bytes of ACT, WGT, ACC in use
+        self.const = np.zeros((1, _round8(len(program.const))), np.uint8)
+        self.const[0, :len(program.const)] = np.frombuffer(program.const, dtype=np.uint8)
+        self.const.flags.writeable = False
+        self.cache: Dict[int, tuple] = {}                       # MATMUL index -> _weight_sums
+        self.host = HostRunner(program)                         # its sessions serve every run
+        self.steps = [(s[0], s[1:]) for s in (_DECODE[ins.op](self, ins.args, pc) for pc, ins in enumerate(instrs))]
+
+    @classmethod
+    def of(cls, program: Program, instrs: List[Instr], limits) -> "_Plan":
+        plan = program.__dict__.get("_rainsim_plan")
+        if plan is None or plan.instrs is not instrs or plan.limits != limits:
+            plan = cls(program, instrs, limits)
+            program.__dict__["_rainsim_plan"] = plan
+        return plan
+
+    def block(self, mem: int, dtype: DType, addr_units: int, dims, strides, what: str) -> Block:
+        """A bounds-checked block of `dims` elements at an address in the memory's units."""
+        if dtype not in DTYPE_NUMPY:
+            raise SimulationError(f"{what}: element type {dtype.name} cannot be addressed (sub-byte data moves as "
+                                  "UINT8 bytes)")
+        npt = np.dtype(DTYPE_NUMPY[dtype])
+        isz = npt.itemsize
+        start_bytes = addr_units * (4 if mem == ACC else 1)
+        if start_bytes % isz:
+            raise SimulationError(f"{what}: address {addr_units} is not aligned to {dtype.name}")
+        start = start_bytes // isz
+        last = start + sum((d - 1) * s for d, s in zip(dims, strides) if d > 0)
+        low = start + sum((d - 1) * s for d, s in zip(dims, strides) if d > 0 and s < 0)
+        limit = self.limits[mem] // isz
+        if low < 0 or last >= limit or start >= limit:
+            raise SimulationError(f"{what}: block at {addr_units} (dims {list(dims)}, strides {list(strides)}) "
+                                  f"leaves its memory ({limit} {dtype.name} elements)")
+        if mem < CONST and all(d > 0 for d in dims):
+            self.size[mem] = max(self.size[mem], (last + 1) * isz)
+        return mem, npt, start * isz, tuple(int(d) for d in dims), tuple(int(s) * isz for s in strides)
+
+    def _load(self, a, pc):
+        dims, s, t = (a["n0"], a["n1"], a["n2"]), (a["s0"], a["s1"], a["s2"]), (a["t0"], a["t1"], a["t2"])
+        dtype = DType(a["dtype"])
+        src = self.block(CONST if a["space"] == Space.CONST else ARENA, dtype, a["dram"], dims, s,
+                         f"instruction {pc} LOAD source")
+        dst = self.block(_buf(a["buf"], pc, "LOAD"), dtype, a["addr"], dims, t, f"instruction {pc} LOAD destination")
+        return Machine._copy, src, dst, a["buf"] == Buf.WGT and a["space"] != Space.CONST
+
+    def _store(self, a, pc):
+        if a["space"] != Space.ACT:
+            raise SimulationError(f"instruction {pc} STORE: space {a['space']}: only the activation arena (1) is "
+                                  "writable")
+        dims, s, t = (a["n0"], a["n1"], a["n2"]), (a["s0"], a["s1"], a["s2"]), (a["t0"], a["t1"], a["t2"])
+        dtype = DType(a["dtype"])
+        src = self.block(_buf(a["buf"], pc, "STORE"), dtype, a["addr"], dims, t, f"instruction {pc} STORE source")
+        return Machine._copy, src, self.block(ARENA, dtype, a["dram"], dims, s, f"instruction {pc} STORE destination"), \
+            False
+
+    def _matmul(self, a, pc):
+        m0, m1, kd, n = a["m0"], a["m1"], (a["k0"], a["k1"], a["k2"]), a["n"]
+        k = kd[0] * kd[1] * kd[2]
+        av = self.block(ACT, DType(a["a_type"]), a["a_addr"], (m0, m1) + kd,
+                        (a["ms0"], a["ms1"], a["ks0"], a["ks1"], a["ks2"]), f"instruction {pc} MATMUL A")
+        if a["b_buf"] not in (Buf.WGT, Buf.ACT):
+            raise SimulationError(f"instruction {pc} MATMUL: b_buf {a['b_buf']} must be WGT_BUF (1) or ACT_BUF (0)")
+        btype, sp_n, sp_m = DType(a["b_type"]), a["sp_n"], a["sp_m"]
+        bits = DTYPE_BITS[btype]
+        what = f"instruction {pc} MATMUL B"
+        if not sp_m and bits >= 8:
+            b = (a["b_buf"], "dense", self.block(a["b_buf"], btype, a["b_addr"], (k, n), (n, 1), what))
+        else:
+            rows = k // sp_m * sp_n if sp_m else k
+            vbytes = (rows * n * bits + 7) // 8
+            ibytes = (rows * n * index_bits(sp_m) + 7) // 8 if sp_m else 0
+            raw = self.block(a["b_buf"], DType.UINT8, a["b_addr"], (vbytes + ibytes,), (1,), what)
+            b = (a["b_buf"], "packed", raw, btype, k, n, rows, vbytes, sp_n, sp_m)
+        acc = self.block(ACC, DType.INT32, a["acc"], (m0 * m1, n), (n, 1), f"instruction {pc} MATMUL acc")
+        return Machine._matmul, pc, av, m0 * m1, k, b, acc, a["a_zp"], a["b_zp"]
+
+    def _vfill(self, a, pc):
+        blk = self.block(_buf(a["buf"], pc, "VFILL"), DType(a["dtype"]), a["addr"], (a["count"],), (1,),
+                         f"instruction {pc} VFILL")
+        if blk[1].kind in "iu":
+            info = np.iinfo(blk[1])
+            if not info.min <= a["value"] <= info.max:
+                raise SimulationError(f"instruction {pc} VFILL: value {a['value']} does not fit {blk[1]}")
+        return Machine._vfill, blk, a["value"]
+
+    def _vreq(self, a, pc):
+        src = self.block(_buf(a["src_buf"], pc, "VREQ"), DType(a["dtype_in"]), a["src"], (a["rows"], a["cols"]),
+                         (a["rs"], a["cs"]), f"instruction {pc} VREQ source")
+        params = None
+        if a["params"] >= 0:
+            if a["per"] not in (1, 2):
+                raise SimulationError(f"instruction {pc} VREQ: per={a['per']} (1: per column, 2: per row)")
+            count = a["cols"] if a["per"] == 1 else a["rows"]
+            params = self.block(WGT, DType.INT32, a["params"], (count, 2), (2, 1), f"instruction {pc} VREQ params")
+        dst = self.block(ACT, DType(a["dtype_out"]), a["dst"], (a["rows"], a["cols"]), (a["drs"], a["dcs"]),
+                         f"instruction {pc} VREQ destination")
+        return (Machine._vreq, src, dst, params, a["per"], a["mult"], a["shift"], a["x_zp"], a["out_zp"], a["lo"],
+                a["hi"])
+
+    def _operands(self, a, pc, what):
+        c = a["count"]
+        return [self.block(ACT, DType(a[f"dtype_{x}"]), a[x if x != "out" else "dst"], (c,), (1,),
+                           f"instruction {pc} {what} {x if x != 'out' else 'dst'}") for x in ("a", "b", "out")]
+
+    def _vadd(self, a, pc):
+        return (Machine._vadd, *self._operands(a, pc, "VADD"), a["a_zp"], a["b_zp"], a["ma"], a["mb"], a["shift"],
+                a["out_zp"], a["lo"], a["hi"])
+
+    def _vmul(self, a, pc):
+        return (Machine._vmul, *self._operands(a, pc, "VMUL"), a["a_zp"], a["b_zp"], a["mult"], a["shift"],
+                a["out_zp"], a["lo"], a["hi"])
+
+    def _vlut(self, a, pc):
+        c, nch = a["count"], a["nch"]
+        tin, tout = DType(a["dtype_in"]), DType(a["dtype_out"])
+        if tin not in (DType.INT8, DType.UINT8):
+            raise SimulationError(f"instruction {pc} VLUT: the index must be INT8 or UINT8, got {tin.name}")
+        src = self.block(ACT, tin, a["src"], (c,), (1,), f"instruction {pc} VLUT source")
+        tables = self.block(WGT, tout, a["table"], (nch, 256), (256, 1), f"instruction {pc} VLUT tables")
+        dst = self.block(ACT, tout, a["dst"], (c,), (1,), f"instruction {pc} VLUT destination")
+        chan = 256 * ((np.arange(c) // a["inner"]) % nch) if nch > 1 else None
+        return Machine._vlut, src, tables, dst, tin == DType.INT8, nch, chan
+
+    def _window(self, a, pc, what):
+        c, ih, iw = a["channels"], a["ih"], a["iw"]
+        src = self.block(ACT, DType(a["dtype"]), a["src"], (c, ih, iw), (ih * iw, iw, 1),
+                         f"instruction {pc} {what} source")
+        win = tuple(a[f] for f in ("kh", "kw", "sh", "sw", "dh", "dw", "oh", "ow"))
+        kh, kw, sh, sw, dh, dw, oh, ow = win
+        if (oh - 1) * sh + (kh - 1) * dh + 1 > ih or (ow - 1) * sw + (kw - 1) * dw + 1 > iw:
+            raise SimulationError(f"instruction {pc} {what}: {oh}x{ow} windows do not fit the {ih}x{iw} plane")
+        return src, win
+
+    def _vpool(self, a, pc):
+        src, win = self._window(a, pc, "VPOOL")
+        c, oh, ow = a["channels"], a["oh"], a["ow"]
+        dst = self.block(ACT, DType(a["dtype"]), a["dst"], (c, oh, ow), (oh * ow, ow, 1), f"instruction {pc}")
+        return (Machine._vpool, src, dst, win, a["mode"], a["x_zp"], a["mult"], a["shift"], a["out_zp"], a["lo"],
+                a["hi"])
+
+    def _vdwconv(self, a, pc):
+        src, win = self._window(a, pc, "VDWCONV")
+        c, kh, kw, oh, ow = a["channels"], a["kh"], a["kw"], a["oh"], a["ow"]
+        w = self.block(WGT, DType.INT8, a["wgt"], (c, kh, kw), (kh * kw, kw, 1), f"instruction {pc} weights")
+        acc = self.block(ACC, DType.INT32, a["acc"], (c, oh, ow), (oh * ow, ow, 1), f"instruction {pc} acc")
+        return Machine._vdwconv, src, w, acc, a["x_zp"], win
+
+    def _host(self, a, pc):
+        return Machine._host, a["index"]
+
+
+def _buf(buf: int, pc: int, what: str) -> int:
+    if buf not in (Buf.ACT, Buf.WGT, Buf.ACC):
+        raise SimulationError(f"instruction {pc} {what}: buffer {buf} (0: ACT_BUF, 1: WGT_BUF, 2: ACC_BUF)")
+    return buf
+
+
+_DECODE = {Op.LOAD: _Plan._load, Op.STORE: _Plan._store, Op.MATMUL: _Plan._matmul, Op.VFILL: _Plan._vfill,
+           Op.VREQ: _Plan._vreq, Op.VADD: _Plan._vadd, Op.VMUL: _Plan._vmul, Op.VLUT: _Plan._vlut,
+           Op.VPOOL: _Plan._vpool, Op.VDWCONV: _Plan._vdwconv, Op.HOST: _Plan._host}
