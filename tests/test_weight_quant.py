@@ -92,3 +92,31 @@ def test_onnxruntime_dequantizes_to_the_same_floats():
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         np.testing.assert_array_equal(sess.run(None, {})[0], dequantize(q, p))
+
+
+def test_an_all_zero_channel_keeps_a_typical_scale_so_its_bias_survives():
+    """A pruned (all-zero) filter is exact at any scale; the tiny floor scale would make
+    its int32 bias (s_in * s_w) saturate, and the channel would lose its bias."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    import qcompile
+    from qcompile.onnx_io import from_proto, to_proto
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    w[2] = 0.0
+    b = np.array([0.1, -0.2, 1.25, 0.3], np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+         helper.make_node("Relu", ["c"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    model.annotations["calibration_data"] = [{"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)}
+                                             for _ in range(16)]
+    qdq = qcompile.PassManager.parse("fold,calibrate{progress=false},quantize").run(model).model
+    sess = ort.InferenceSession(to_proto(qdq).SerializeToString(), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)})[0]
+    assert np.allclose(y[0, 2], 1.25, atol=0.05)   # the zero filter's channel is its bias

@@ -153,6 +153,14 @@ def quantize_weight(w: np.ndarray, fmt: WeightFormat) -> Tuple[np.ndarray, Quant
     else:
         scale, zp = _asymmetric_params(w2, fmt)
         q = _round_clip(w2, scale, zp, fmt.qmin, fmt.qmax)
+    if fmt.dtype.kind != "bipolar":
+        # an all-zero channel (a pruned filter) is exact at any scale: give it a typical
+        # one, not the tiny floor, so that its int32 bias (scale s_in * s_w) does not
+        # saturate and the channel keeps its bias
+        empty = ~np.any(w2 != 0, axis=1)
+        if empty.any() and channels > 1:
+            scale = np.asarray(scale, np.float32).copy()
+            scale[empty] = np.float32(np.median(scale[~empty])) if (~empty).any() else np.float32(1.0)
     q = _restore(q, w.shape, axis).astype(fmt.dtype.numpy_dtype)
     zp = zp.astype(np.int64)
     if axis is None:
