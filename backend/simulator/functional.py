@@ -22,7 +22,7 @@ loaded into the weight buffer, what a MATMUL reads from it is the same in every 
 so its decoded form and column sums are kept in the plan.
 
 Requantization is `qcompile.quant_math.requantize` (the integer reference's rule),
-computed in float64 where that is provably bit-identical (`_requant`), else in int64.
+computed in float64 where that is provably bit-identical (`_float_exact`), else in int64.
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ except ImportError:  # pragma: no cover - exercised by the torch-less CI step
 # memories, as indexed in Machine.mem and in blocks
 ACT, WGT, ACC, CONST, ARENA = Buf.ACT, Buf.WGT, Buf.ACC, 3, 4
 Block = Tuple[int, np.dtype, int, Tuple[int, ...], Tuple[int, ...]]   # memory, dtype, byte offset, dims, byte strides
+_CHUNK = 1 << 16        # float64 elements requantized at a time (512 KiB, in L2)
 
 
 class SimulationError(QCompileError):
@@ -69,6 +70,7 @@ class Machine:
         self.mem = [np.zeros((n, 8), np.uint8), np.zeros((1, 8), np.uint8), np.zeros((n, 2), np.int32),
                     self.plan.const, self.arena]
         self._grow(self.plan.size)
+        self.scratch = np.empty(0, np.float64)   # float work space of _requant
         self.wgt_varies = False        # something per-inference was loaded into the weight buffer
         self.host = self.plan.host
         self.mac_pairs: dict = {}      # MATMUL index -> MACs with both operands nonzero, per inference
@@ -176,28 +178,50 @@ class Machine:
             s = s[:, None, :] if per == 1 else s[:, :, None]
         else:
             m, s = mult, shift
-        self._store(self._view(dst), _requant(x, x_zp, _bound(x.dtype, x_zp), m, s, out_zp, lo, hi), lo, hi)
+        self._requant(self._view(dst), x, x_zp, _bound(x.dtype, x_zp), m, s, out_zp, lo, hi)
 
     def _vadd(self, a: Block, b: Block, d: Block, a_zp, b_zp, ma, mb, shift, out_zp, lo, hi):
         x, y = self._view(a), self._view(b)
         bound = _bound(x.dtype, a_zp) * abs(ma) + _bound(y.dtype, b_zp) * abs(mb)
         t = np.float64 if bound < 2 ** 53 else np.int64          # exact either way
         acc = (x.astype(t) - a_zp) * ma + (y.astype(t) - b_zp) * mb
-        self._store(self._view(d), _requant(acc, 0, bound, 1, shift, out_zp, lo, hi), lo, hi)
+        self._requant(self._view(d), acc, 0, bound, 1, shift, out_zp, lo, hi)
 
     def _vmul(self, a: Block, b: Block, d: Block, a_zp, b_zp, mult, shift, out_zp, lo, hi):
         x, y = self._view(a), self._view(b)
         bound = _bound(x.dtype, a_zp) * _bound(y.dtype, b_zp)
         t = np.float64 if bound < 2 ** 53 else np.int64
         acc = (x.astype(t) - a_zp) * (y.astype(t) - b_zp)
-        self._store(self._view(d), _requant(acc, 0, bound, mult, shift, out_zp, lo, hi), lo, hi)
+        self._requant(self._view(d), acc, 0, bound, mult, shift, out_zp, lo, hi)
 
-    @staticmethod
-    def _store(dst: np.ndarray, y: np.ndarray, lo: int, hi: int) -> None:
-        """dst = y for a requantized y (in [lo, hi], int32 or integer-valued float64);
-        a dst type narrower than lo..hi wraps, as the int32 result's cast does."""
+    def _requant(self, dst: np.ndarray, x: np.ndarray, x_zp: int, bound: int, m, s, zp: int, lo: int, hi: int):
+        """dst = requantize(x - x_zp, m, s, zp, lo, hi) cast to dst's type, for integer-valued
+        x with |x - x_zp| <= bound; in float64 where `_float_exact` proves it bit-identical,
+        a few samples at a time (the float work stays in cache)."""
+        m, s = np.asarray(m, np.int64), np.asarray(s, np.int64)
         info = np.iinfo(dst.dtype)
-        dst[...] = y if info.min <= lo and hi <= info.max else y.astype(np.int32).astype(dst.dtype)
+        fits = info.min <= lo and hi <= info.max        # else the int32 result wraps in the cast
+        if not _float_exact(bound, m, s, zp, lo, hi):
+            dst[...] = requantize(np.asarray(x).astype(np.int64) - x_zp, m, s, zp, lo, hi).astype(dst.dtype)
+            return
+        r = np.ldexp(m.astype(np.float64), (-s).astype(np.int32))         # m * 2^-s, exact
+        per = max(1, x[0].size)
+        step = max(1, _CHUNK // per)
+        if self.scratch.size < step * per:
+            self.scratch = np.empty(step * per, np.float64)
+        for i in range(0, x.shape[0], step):
+            xi = x[i:i + step]
+            t = self.scratch[:xi.size].reshape(xi.shape)
+            ri = r[i:i + step] if r.ndim == x.ndim and r.shape[0] > 1 else r
+            if x_zp:
+                np.subtract(xi, x_zp, out=t, dtype=np.float64)
+                t *= ri
+            else:
+                np.multiply(xi, ri, out=t, dtype=np.float64)
+            t += zp + 0.5
+            np.floor(t, out=t)
+            np.clip(t, lo, hi, out=t)
+            dst[i:i + step] = t if fits else t.astype(np.int32).astype(dst.dtype)
 
     def _vlut(self, src: Block, tables: Block, dst: Block, signed: bool, nch: int, chan: Optional[np.ndarray]):
         x = self._view(src)
@@ -218,7 +242,7 @@ class Machine:
         taps = win[0] * win[1]
         bound = taps * _bound(x.dtype, x_zp)
         acc = _pool(x, win, np.add, np.int32 if taps * _bound(x.dtype, 0) < 2 ** 31 else np.int64)
-        self._store(d, _requant(acc, x_zp * taps, bound, mult, shift, out_zp, lo, hi), lo, hi)
+        self._requant(d, acc, x_zp * taps, bound, mult, shift, out_zp, lo, hi)
 
     def _vdwconv(self, src: Block, wgt: Block, acc_blk: Block, x_zp: int, win):
         kh, kw, sh, sw, dh, dw, oh, ow = win
@@ -247,29 +271,21 @@ def _bound(dtype: np.dtype, zp: int) -> int:
     return max(abs(int(info.min) - int(zp)), abs(int(info.max) - int(zp)))
 
 
-def _requant(x: np.ndarray, x_zp: int, bound: int, m, s, zp: int, lo: int, hi: int) -> np.ndarray:
-    """requantize(x - x_zp, m, s, zp, lo, hi), bit for bit, for integer-valued x with
-    |x - x_zp| <= bound < 2^53. In float64 when exact, that is when 1 <= s <= 52 and
-    either bound * |m| < 2^52 or 2^(52 - s) >= max(hi - zp, zp - lo), because with
-    a = x - x_zp, P = a * m and r = m * 2^-s (exact in float64):
-      |P| < 2^52: a * r = P * 2^-s is representable, so fl(a * r) is exact, and so is
-        adding 1/2 (numerator P + 2^(s-1) below 2^53): floor gives (P + 2^(s-1)) >> s;
-      |P| >= 2^52: |P * 2^-s| >= T = 2^(52 - s) and the float result keeps that bound
-        and the sign (rounding is monotonic, T and T - 1/2 are representable), so the
-        exact and the float result both saturate to the same end of [lo, hi]."""
-    m_arr, s_arr = np.asarray(m, np.int64), np.asarray(s, np.int64)
-    s_lo, s_hi = int(s_arr.min(initial=1)), int(s_arr.max(initial=1))
-    m_max = int(np.abs(m_arr).max(initial=0))
-    if bound < 2 ** 53 and 1 <= s_lo and s_hi <= 52 and m_max < 2 ** 31 and \
-            (bound * m_max < 2 ** 52 or 2 ** (52 - s_hi) >= max(hi - zp, zp - lo)):
-        r = np.ldexp(m_arr.astype(np.float64), (-s_arr).astype(np.int32))
-        t = np.subtract(x, x_zp, dtype=np.float64)
-        t *= r
-        t += 0.5
-        np.floor(t, out=t)
-        t += zp
-        return np.clip(t, lo, hi, out=t)
-    return requantize(np.asarray(x).astype(np.int64) - x_zp, m, s, zp, lo, hi)
+def _float_exact(bound: int, m: np.ndarray, s: np.ndarray, zp: int, lo: int, hi: int) -> bool:
+    """Whether clip(floor(fl(fl(a * r) + (zp + 1/2))), lo, hi) in float64, r = m * 2^-s,
+    equals requantize(a, m, s, zp, lo, hi) for every integer |a| <= bound. True when
+    bound < 2^53 (a is exact), 1 <= s <= 52, |m| < 2^31 (r is exact), (2|zp| + 1) 2^(s-1)
+    <= 2^52, and either bound |m| < 2^52 or T = 2^(52 - s) >= max(hi - zp, zp - lo).
+    Proof, with P = a m (the exact result is clip(floor(P 2^-s + 1/2) + zp, lo, hi)):
+      |P| < 2^52: a r = P 2^-s is representable, so fl(a r) is exact, and so is adding
+        zp + 1/2 (the numerator P + (2 zp + 1) 2^(s-1) stays below 2^53): the floors agree;
+      |P| >= 2^52: |P 2^-s| >= T, rounding is monotonic and T, T + zp + 1/2 are
+        representable, so both results are >= T + zp (or <= -T + zp) and saturate alike."""
+    s_lo, s_hi = int(s.min(initial=1)), int(s.max(initial=1))
+    m_max = int(np.abs(m).max(initial=0))
+    return (bound < 2 ** 53 and 1 <= s_lo and s_hi <= 52 and m_max < 2 ** 31
+            and (2 * abs(zp) + 1) * 2 ** (s_hi - 1) <= 2 ** 52
+            and (bound * m_max < 2 ** 52 or 2 ** (52 - s_hi) >= max(hi - zp, zp - lo)))
 
 
 def _pool(x: np.ndarray, win, op, dtype) -> np.ndarray:
