@@ -104,42 +104,60 @@ class Machine:
                 self.mem[WGT] = np.repeat(self.mem[WGT], self.n, axis=0)
         self._view(dst)[...] = x
 
-    def _matmul(self, pc: int, a_blk: Block, m: int, k: int, b, acc_blk: Block, za: int, zb: int):
-        av = self._view(a_blk)
+    def _matmul(self, pc: int, a_blk: Block, planar, m: int, k: int, b, acc_blk: Block, za: int, zb: int):
+        av = self._view(a_blk)          # (S, m0, m1, k0, k1, k2): A, an implicit im2col
         s = av.shape[0]
-        A = av.reshape(s * m, k)        # the implicit im2col (a copy unless the block is dense)
         constant = b[0] == WGT and not self.wgt_varies     # B is the same in every run (module doc)
         cached = self.plan.cache.get(pc) if constant else None
         B = cached[0] if cached is not None and cached[0] is not None else self._weights(b, zb)
         acc = self._view(acc_blk)
-        if _HAS_INT_MM and B.shape[0] == 1 and A.dtype.itemsize == 1 and B.dtype.itemsize == 1:
-            b8, zb8 = _as_int8(B[0], zb)
-            if cached is None:
-                cached = _weight_sums(B if b[1] != "dense" else None, b8, zb8, np.not_equal(B[0], zb).sum(axis=1))
-                if constant:
-                    self.plan.cache[pc] = cached
-            _, colsum, nz_digits = cached
-            a8, za8 = _as_int8(A, za)
-            raw = _torch._int_mm(_torch.from_numpy(a8), _torch.from_numpy(b8)).numpy()
-            acc += raw.reshape(acc.shape)
-            if zb8:                     # modulo 2^32, as the int32 accumulator
-                acc -= (zb8 * a8.sum(axis=1, dtype=np.int64)).astype(np.int32).reshape(s, m, 1)
-            corr = k * za8 * zb8 - za8 * colsum
-            if np.any(corr):
-                acc += corr.astype(np.int32)
-            # MACs whose two operands are both nonzero (the others skip their energy)
-            nz = np.not_equal(a8, za8)
-            sums = _torch._int_mm(_torch.from_numpy(nz.view(np.int8)), _torch.from_numpy(nz_digits)).numpy()
-            sums = sums.sum(axis=0, dtype=np.int64)
-            pairs, nonzero = int(sums[0] + 128 * sums[1] + 16384 * sums[2]), int(sums[3])
-        else:
-            acc += np.rint(np.matmul(A.reshape(s, m, k).astype(np.float64) - za, B.astype(np.float64) - zb)
+        if not (_HAS_INT_MM and B.shape[0] == 1 and av.dtype.itemsize == 1 and B.dtype.itemsize == 1):
+            A = av.reshape(s, m, k)
+            acc += np.rint(np.matmul(A.astype(np.float64) - za, B.astype(np.float64) - zb)
                            ).astype(np.int64).astype(np.int32)
-            col = np.not_equal(A, za).reshape(s, m, k).sum(axis=1)                  # (s, K)
-            pairs = int((col * np.not_equal(B, zb).sum(axis=2)).sum())
-            nonzero = int(col.sum())
+            col = np.not_equal(A, za).sum(axis=1)                                   # (S, K)
+            self._count(pc, int((col * np.not_equal(B, zb).sum(axis=2)).sum()), int(col.sum()), s, A.size)
+            return
+        b8, zb8 = _as_int8(B[0], zb)
+        if cached is None:
+            cached = _weight_sums(B if b[1] != "dense" else None, b8, np.not_equal(B[0], zb).sum(axis=1))
+            if constant:
+                self.plan.cache[pc] = cached
+        _, colsum, cnt = cached
+        za8 = int(za) - (128 if av.dtype == np.uint8 else 0)
+        corr = k * za8 * zb8 - za8 * colsum      # zero-point terms, added modulo 2^32 as the int32 accumulator
+        corr = corr.astype(np.int32) if np.any(corr) else None
+        pairs = nonzero = 0
+        step = max(1, (1 << 18) // (m * max(k, 4 * b8.shape[1])))   # samples at a time: the work stays in cache
+        for i in range(0, s, step):
+            a8, _ = _as_int8(self._im2col(av[i:i + step], planar, i, k), za)
+            ai = acc[i:i + step]
+            ai += _torch._int_mm(_torch.from_numpy(a8), _torch.from_numpy(b8)).numpy().reshape(ai.shape)
+            if zb8:
+                ai -= (zb8 * a8.sum(axis=1, dtype=np.int64)).astype(np.int32).reshape(-1, m, 1)
+            if corr is not None:
+                ai += corr
+            # MACs whose two operands are both nonzero (the others skip their energy): per column of A
+            # its nonzero count (a product with ones), times the column's nonzero weights
+            ones = np.ones((8, a8.shape[0]), np.int8)
+            col = _torch._int_mm(_torch.from_numpy(ones), _torch.from_numpy(np.not_equal(a8, za8).view(np.int8)))
+            col = col[0].numpy().astype(np.int64)
+            pairs, nonzero = pairs + int(col @ cnt), nonzero + int(col.sum())
+        self._count(pc, pairs, nonzero, s, s * m * k)
+
+    def _im2col(self, a: np.ndarray, planar, i: int, k: int) -> np.ndarray:
+        """(rows, K) copy of A's samples `a` (starting at sample i). A block of channel planes
+        read through a window (convolutions) is first turned pixel-major, so the gather
+        copies runs of k1 * k2 elements instead of single ones."""
+        if planar is not None:
+            region, strides = planar                                    # (S, k2, P) planes
+            t = np.ascontiguousarray(self._view(region)[i:i + a.shape[0]].transpose(0, 2, 1))
+            a = np.ndarray(a.shape, a.dtype, t, 0, (t.strides[0],) + strides)
+        return a.reshape(-1, k)
+
+    def _count(self, pc: int, pairs: int, nonzero: int, s: int, size: int):
         self.mac_pairs[pc] = pairs / s
-        self.act_nonzero[pc] = nonzero / A.size if A.size else 1.0
+        self.act_nonzero[pc] = nonzero / size if size else 1.0
 
     def _weights(self, b, zb: int) -> np.ndarray:
         """(Bw, K, n) int array of the B operand (decoded when packed or N:M-sparse)."""
@@ -306,14 +324,10 @@ def _pool(x: np.ndarray, win, op, dtype) -> np.ndarray:
     return y
 
 
-def _weight_sums(decoded: Optional[np.ndarray], b8: np.ndarray, zb8: int, cnt: np.ndarray):
+def _weight_sums(decoded: Optional[np.ndarray], b8: np.ndarray, cnt: np.ndarray):
     """What the int8 GEMM needs of B beyond its int8 form b8 (K, n): the decoded B (kept
-    when packed), its column sums (for the zero-point terms) and the K x 8 int8 matrix
-    whose product with the indicator of nonzero A operands counts the nonzero operand
-    pairs (columns: base-128 digits of each row's count `cnt` of nonzero weights, ones)."""
-    digits = np.zeros((b8.shape[0], 8), np.int8)
-    digits[:, 0], digits[:, 1], digits[:, 2], digits[:, 3] = cnt & 127, (cnt >> 7) & 127, cnt >> 14, 1
-    return decoded, b8.sum(axis=0, dtype=np.int64), digits
+    when packed), its column sums (for the zero-point terms) and its nonzero weights per row."""
+    return decoded, b8.sum(axis=0, dtype=np.int64), cnt.astype(np.int64)
 
 
 def exact_matmul(A: np.ndarray, za: int, B: np.ndarray, zb: int) -> np.ndarray:
@@ -433,7 +447,7 @@ class _Plan:
             raw = self.block(a["b_buf"], DType.UINT8, a["b_addr"], (vbytes + ibytes,), (1,), what)
             b = (a["b_buf"], "packed", raw, btype, k, n, rows, vbytes, sp_n, sp_m)
         acc = self.block(ACC, DType.INT32, a["acc"], (m0 * m1, n), (n, 1), f"instruction {pc} MATMUL acc")
-        return Machine._matmul, pc, av, m0 * m1, k, b, acc, a["a_zp"], a["b_zp"]
+        return Machine._matmul, pc, av, _planar(av), m0 * m1, k, b, acc, a["a_zp"], a["b_zp"]
 
     def _vfill(self, a, pc):
         blk = self.block(_buf(a["buf"], pc, "VFILL"), DType(a["dtype"]), a["addr"], (a["count"],), (1,),
@@ -508,6 +522,21 @@ class _Plan:
 
     def _host(self, a, pc):
         return Machine._host, a["index"]
+
+
+def _planar(av: Block):
+    """For an A block that reads k2 channel planes through a window (each element about
+    k0 k1 times, as a convolution does): the block of the planes' span P as (k2, P), and
+    A's byte strides within that span made pixel-major (P, k2). None otherwise."""
+    mem, npt, off, dims, strides = av
+    m0, m1, k0, k1, k2 = dims
+    isz = npt.itemsize
+    if min(strides) < 0 or k2 < 2 or k0 * k1 < 2 or strides[4] == 0:
+        return None
+    span = sum((d - 1) * st for d, st in zip(dims[:4], strides[:4])) // isz + 1
+    if 2 * span * k2 > m0 * m1 * k0 * k1 * k2:
+        return None
+    return (mem, npt, off, (k2, span), (strides[4], isz)), tuple(st * k2 for st in strides[:4]) + (isz,)
 
 
 def _buf(buf: int, pc: int, what: str) -> int:
