@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -12,14 +13,18 @@ from qcompile.backend.isa import SPECS, Instr, IsaError, Op, decode, encode, for
 from qcompile.backend.program import FORMAT_VERSION, Program, ProgramError, load_program, save_program
 from qcompile.backend.target import load_target
 
-EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+EXAMPLES = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "examples"))
 MODEL = os.path.join(EXAMPLES, "digits_cnn.onnx")
 CALIB = os.path.join(EXAMPLES, "digits_calib.npz")
 EVAL = os.path.join(EXAMPLES, "digits_eval.npz")
 
 
 def _qcompile(*args):
-    return subprocess.run([sys.executable, "-m", "qcompile", *map(str, args)], capture_output=True, text=True)
+    """The CLI as `python -m qcompile`, run outside the source tree so the installed package is the one imported
+    (the checkout's `qcompile/` folder lacks `qcompile.passes` and `qcompile.backend`, which install from
+    `passes/` and `backend/`)."""
+    return subprocess.run([sys.executable, "-m", "qcompile", *map(str, args)], capture_output=True, text=True,
+                          cwd=tempfile.gettempdir())
 
 
 @st.composite
