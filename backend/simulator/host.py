@@ -1,8 +1,11 @@
 """The host side of a program: its HOST operations and the interface conversions.
 
 HOST operations are one-node ONNX models; default-domain ops run in onnxruntime and
-`qcompile.int` ops in the integer reference, one inference at a time, as the reference
-evaluator runs them. The interface quantizes float inputs and dequantizes outputs with
+`qcompile.int` ops in the integer reference, as the reference evaluator runs them. An op
+whose tensors all have a leading dimension of 1 and that treats that dimension as the
+batch (elementwise ops, pooling, LRN, Softmax or Concat over another axis...: `_BATCHED`)
+runs once for all inferences, their tensors stacked along it; any other op runs one
+inference at a time. The interface quantizes float inputs and dequantizes outputs with
 ONNX QuantizeLinear / DequantizeLinear arithmetic (round half to even, float32).
 """
 from __future__ import annotations
@@ -15,6 +18,74 @@ from ..program import Program
 
 __all__ = ["HostRunner", "quantize_input", "dequantize_output"]
 
+# Ops that compute each index of a leading batch dimension independently (elementwise,
+# with constants broadcast; per-sample windows or normalisations), by domain.
+_ELEMENTWISE = {
+    "": {"Relu", "LeakyRelu", "Elu", "Selu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softplus", "Softsign",
+         "Exp", "Log", "Abs", "Neg", "Sqrt", "Reciprocal", "Erf", "Floor", "Ceil", "Round", "Sign", "Clip", "Identity",
+         "Cast", "Gelu", "Mish", "Add", "Sub", "Mul", "Div", "Pow", "Sum", "Max", "Min", "Mean", "PRelu", "Where"},
+    "qcompile.int": {"Quantize", "Dequantize", "Requantize", "QAdd", "QMul"},
+}
+_BATCHED = {
+    "": {"LRN", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization",
+         "InstanceNormalization", "Softmax", "LogSoftmax", "Hardmax", "Concat", "Flatten", "LayerNormalization",
+         "Transpose"},
+    "qcompile.int": {"QAveragePool"},
+}
+_CHUNK_BYTES = 1 << 19     # tensor bytes of the inferences run together (they stay in cache)
+_AXIS_DEFAULT = {"Concat": None, "Flatten": 1, "LayerNormalization": -1, "Quantize": 1, "Dequantize": 1}
+
+
+def _batchable(proto) -> bool:
+    """Whether the one-node model `proto` may run on N inferences stacked along dimension 0."""
+    g = proto.graph
+    if len(g.node) != 1:
+        return False
+    node = g.node[0]
+    domain = node.domain if node.domain != "ai.onnx" else ""
+    if node.op_type not in _ELEMENTWISE.get(domain, ()) | _BATCHED.get(domain, ()):
+        return False
+    constants = {t.name for t in g.initializer}
+    if all(v.name in constants for v in g.input):
+        return False                                  # nothing fed: its output has no batch dimension
+    ranks = set()
+    for v in list(g.input) + list(g.output):
+        if v.name in constants:
+            continue
+        dims = v.type.tensor_type.shape.dim
+        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value != 1:
+            return False
+        ranks.add(len(dims))
+    if len(ranks) != 1:      # a fed tensor of lower rank would broadcast the stacked batch onto another axis
+        return False
+    rank = ranks.pop()
+    attrs = {a.name: a for a in node.attribute}
+    if node.op_type in _ELEMENTWISE.get(domain, ()):   # constants broadcast, but must not span dimension 0
+        return all(len(t.dims) < rank or t.dims[0] == 1 for t in g.initializer)
+    if any(len(t.dims) >= rank for t in g.initializer):
+        return False                                  # e.g. a Concat with a constant operand
+    if node.op_type in ("MaxPool", "BatchNormalization") and len(node.output) > 1:
+        return False                                  # indices / training statistics span the batch
+    if node.op_type == "Transpose":
+        return "perm" in attrs and list(attrs["perm"].ints)[:1] == [0]
+    if node.op_type in ("Softmax", "LogSoftmax", "Hardmax"):
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+        default = -1 if opset >= 13 else 1
+        return (attrs["axis"].i if "axis" in attrs else default) % rank != 0
+    if node.op_type in _AXIS_DEFAULT:
+        axis = attrs["axis"].i if "axis" in attrs else _AXIS_DEFAULT[node.op_type]
+        return axis is not None and axis % rank != 0
+    return True
+
+
+def _symbolic_batch(proto):
+    """`proto` with dimension 0 of its inputs and outputs symbolic."""
+    for v in list(proto.graph.input) + list(proto.graph.output):
+        d = v.type.tensor_type.shape.dim[0]
+        d.Clear()
+        d.dim_param = "N"
+    return proto
+
 
 class HostRunner:
     def __init__(self, program: Program):
@@ -24,41 +95,50 @@ class HostRunner:
     def _runner(self, index: int):
         r = self._runners.get(index)
         if r is None:
+            import onnx
+
             op = self.program.host_ops[index]
+            proto = onnx.load_from_string(op.model)
+            batched = _batchable(proto)
             if op.kind == "onnx":
                 import onnxruntime as ort
 
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads = 1
-                sess = ort.InferenceSession(op.model, opts, providers=["CPUExecutionProvider"])
+                model = _symbolic_batch(proto).SerializeToString() if batched else op.model
+                sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
                 names = [i.name for i in sess.get_inputs()]
-                r = ("onnx", sess, names)
+                r = ("onnx", sess, names, batched)
             else:
-                import onnx
-
                 from ..reference import _as_model
 
-                model = _as_model(onnx.load_from_string(op.model))
-                r = ("integer", model, [v.name for v in model.graph.inputs if v.const_value is None])
+                model = _as_model(proto)
+                r = ("integer", model, [v.name for v in model.graph.inputs if v.const_value is None], batched)
             self._runners[index] = r
         return r
 
     def run(self, index: int, arena: np.ndarray) -> None:
         op = self.program.host_ops[index]
-        kind, engine, names = self._runner(index)
+        kind, engine, names, batched = self._runner(index)
         ins = [self.program.tensor_array(arena, t) for t in op.inputs]
         outs = [self.program.tensor_array(arena, t) for t in op.outputs]
-        for s in range(arena.shape[0]):
-            feeds = {name: np.ascontiguousarray(x[s]) for name, x in zip(names, ins)}
-            if kind == "onnx":
-                results = engine.run(None, feeds)
-            else:
-                from ..reference import run_integer_graph
+        n = arena.shape[0]
+        # batched: (k, 1, ...) -> (k, ...), k inferences along dimension 0, as many as fit in cache
+        step = max(1, _CHUNK_BYTES // max(1, sum(x[0].nbytes for x in ins + outs))) if batched else 1
+        for s in range(0, n, step):
+            feeds = {name: np.ascontiguousarray(x[s:s + step].reshape((-1,) + x.shape[2:])) for name, x in
+                     zip(names, ins)} if batched else {name: np.ascontiguousarray(x[s]) for name, x in zip(names, ins)}
+            for o, r in zip(outs, self._call(kind, engine, feeds)):
+                o[s:s + step] = np.asarray(r).reshape(o[s:s + step].shape)
 
-                res = run_integer_graph(engine, feeds)
-                results = [res[v.name] for v in engine.graph.outputs]
-            for o, r in zip(outs, results):
-                o[s] = np.asarray(r).reshape(o.shape[1:])
+    @staticmethod
+    def _call(kind: str, engine, feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
+        if kind == "onnx":
+            return engine.run(None, feeds)
+        from ..reference import run_integer_graph
+
+        res = run_integer_graph(engine, feeds)
+        return [res[v.name] for v in engine.graph.outputs]
 
 
 def _channel_shape(ndim: int, axis: int, size: int) -> List[int]:
@@ -80,8 +160,10 @@ def quantize_input(x: np.ndarray, spec: Dict[str, Any]) -> np.ndarray:
         s, z = s.reshape(()), z.reshape(())
     info = np.iinfo(zdt)
     lo, hi = spec.get("out_min", info.min), spec.get("out_max", info.max)   # narrow types in a container
-    y = np.rint(x / s) + z.astype(np.float32)
-    return np.clip(y, lo, hi).astype(zdt)
+    y = np.divide(x, s, dtype=np.float32)
+    np.rint(y, out=y)
+    y += z.astype(np.float32)
+    return np.clip(y, lo, hi, out=y).astype(zdt)
 
 
 def dequantize_output(q: np.ndarray, spec: Dict[str, Any]) -> np.ndarray:
