@@ -8,7 +8,7 @@ Each iteration runs, in order:
      onnxruntime in one session, Shape/Size of static shapes, results as initializers;
   3. the FOLD rule set (passes/rules): Identity/Dropout, Conv+BatchNormalization,
      Gemm/MatMul+BatchNormalization, MatMul+Add -> Gemm, no-op Reshape, Transpose,
-     Cast, Expand, Pad, Slice, Concat, Unsqueeze/Squeeze pairs;
+     Cast, Expand, Pad, Slice, Concat, Unsqueeze/Squeeze pairs, Sum -> Add;
   4. common-subexpression elimination (cse.py), unless `cse=false`;
   5. dead-code elimination (the `dce` pass: unused nodes and initializers).
 It stops when an iteration changes nothing, or after `max_iterations` (with a warning),

@@ -422,3 +422,47 @@ def test_canonicalize_rules_can_be_disabled():
     assert not pm.run(model).modified and "BatchNormalization" in ops(model.graph)
     with pytest.raises(qcompile.PipelineError, match="fuse-matmul-add"):
         PassManager.parse("canonicalize{disable=fold-bn}")
+
+
+# -- Sum -> Add ------------------------------------------------------------------------
+def test_sum_becomes_a_chain_of_adds_with_the_same_outputs():
+    from qcompile.passes.rules import SUM_ADD
+
+    two = build([helper.make_node("Sum", ["a", "b"], ["s"], name="join"), helper.make_node("Relu", ["s"], ["y"])],
+                {"a": [2, 3, 4], "b": [3, 1]}, {"y": [2, 3, 4]})
+    model, report = rewrite(two, SUM_ADD)
+    assert ops(model.graph) == ["Add", "Relu"] and model.graph.nodes[0].name == "join"
+    check_numbers(two, model)
+    three = build([helper.make_node("Sum", ["a", "b", "c"], ["y"])], {"a": [2, 3], "b": [2, 3], "c": [3]},
+                  {"y": [2, 3]})
+    model, _ = rewrite(three, SUM_ADD)
+    assert ops(model.graph) == ["Add", "Add"]
+    check_numbers(three, model)
+
+
+def test_sum_left_alone():
+    from qcompile.passes.rules import SUM_ADD
+
+    one = build([helper.make_node("Sum", ["a"], ["y"])], {"a": [2, 3]}, {"y": [2, 3]})
+    model, report = rewrite(one, SUM_ADD)
+    assert ops(model.graph) == ["Sum"] and report.misses[0].reason == "a Sum of one input is a copy"
+    old = build([helper.make_node("Sum", ["a", "b"], ["y"])], {"a": [2, 3], "b": [2, 3]}, {"y": [2, 3]}, opset=7)
+    model, report = rewrite(old, SUM_ADD)
+    assert ops(model.graph) == ["Sum"] and report.misses[0].reason.startswith("opset 7: ")
+
+
+def test_a_residual_sum_is_quantized_and_lowered_like_an_add():
+    """ShuffleNet joins its branches with Sum: after fold, quantize and lower-integer it is
+    a QAdd with the Relu fused, not a float op between Dequantize and Quantize."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 4, 1, 1)).astype(np.float32)
+    proto = build([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Sum", ["c", "x"], ["s"]),
+                   helper.make_node("Relu", ["s"], ["y"])], {"x": [1, 4, 5, 5]}, {"y": [1, 4, 5, 5]}, {"w": w})
+    model = from_proto(proto)
+    model.annotations["calibration_data"] = [{"x": rng.standard_normal((1, 4, 5, 5)).astype(np.float32)}
+                                             for _ in range(8)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = PassManager.parse("fold,calibrate{progress=false},quantize,lower-integer").run(model).model
+    kinds = [(n.domain, n.op_type) for n in out.graph.nodes]
+    assert ("qcompile.int", "QAdd") in kinds and ("", "Sum") not in kinds and ("", "Relu") not in kinds
