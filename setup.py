@@ -30,6 +30,8 @@ EXTENSIONS = [
     Extension("qcompile.backend.lowering._alloc", ["backend/lowering/_alloc.pyx"]),
     Extension("qcompile.backend.lowering._deps", ["backend/lowering/_deps.pyx"]),
     Extension("qcompile.backend.lowering._tiling", ["backend/lowering/_tiling.pyx"]),
+    Extension("qcompile.backend.simulator._kernels", ["backend/simulator/_kernels.pyx"],
+              extra_compile_args=["-O3", "-fwrapv"]),
 ]
 
 setup(

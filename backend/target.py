@@ -212,12 +212,17 @@ class Target:
         """16 bytes identifying the parameters: the first half of the SHA-256 of a
         canonical JSON form (sorted keys, numbers normalised). Covers the name and every
         number and choice; leaves out the description, the energy sources and the path,
-        which document a target without changing what it computes or charges."""
+        which document a target without changing what it computes or charges. Computed
+        once per (frozen) target: every simulation checks it."""
+        cached = self.__dict__.get("_fingerprint")
+        if cached is not None:
+            return cached
         d = self.to_dict()
         del d["description"]
         d["energy"] = {k: {u: v for u, v in fig.items() if u != "source"} for k, fig in d["energy"].items()}
         text = json.dumps(_canonical(d), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-        return hashlib.sha256(text.encode()).digest()[:16]
+        self.__dict__["_fingerprint"] = fp = hashlib.sha256(text.encode()).digest()[:16]
+        return fp
 
     def summary(self) -> str:
         """One line: array, dataflow, precisions, SRAM, clock, DRAM."""

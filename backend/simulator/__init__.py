@@ -8,7 +8,7 @@ the input's shape}. Outputs come back in the same convention, dequantized to flo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
@@ -26,7 +26,7 @@ class SimResult:
     outputs: Dict[str, np.ndarray]          # float (dequantized) or raw, N samples each
     raw_outputs: Dict[str, np.ndarray]      # the integer tensors before dequantization
     report: Dict[str, Any]
-    timeline: Timeline
+    timeline: Optional[Timeline]            # None for a functional run (timing=False)
 
 
 def check_feeds(program: Program, feeds: Mapping[str, np.ndarray]) -> int:
@@ -55,12 +55,13 @@ def check_feeds(program: Program, feeds: Mapping[str, np.ndarray]) -> int:
 
 
 def simulate(program, target, feeds: Mapping[str, np.ndarray], timing: bool = True) -> SimResult:
-    """Run every sample of `feeds` through `program` on `target`."""
+    """Run every sample of `feeds` through `program` on `target`. With `timing=False` only
+    the outputs are computed: no timeline, no report, no operand-sparsity counts."""
     if isinstance(program, str):
         program = load_program(program)
     program.check_target(target)
     n = check_feeds(program, feeds)
-    machine = Machine(program, target, n)
+    machine = Machine(program, target, n, count=timing)
     for spec in program.inputs:
         x = np.asarray(feeds[spec["name"]])
         q = quantize_input(x, spec) if spec["float"] else x
@@ -74,6 +75,8 @@ def simulate(program, target, feeds: Mapping[str, np.ndarray], timing: bool = Tr
         raw[spec["name"]] = t
         y = dequantize_output(t, spec) if spec["float"] else t
         outputs[spec["name"]] = y.reshape((n,) + tuple(spec["shape"]))
+    if not timing:
+        return SimResult(outputs, raw, {}, None)
     density = {}
     for pc, pairs in machine.mac_pairs.items():
         from .timing import streamed_rows
@@ -83,5 +86,5 @@ def simulate(program, target, feeds: Mapping[str, np.ndarray], timing: bool = Tr
         density[pc] = pairs / performed if performed else 1.0
     timeline = schedule(instrs, target, density)
     measured = {"mac_pairs": machine.mac_pairs, "act_nonzero": machine.act_nonzero}
-    report = build_report(program, target, timeline, n, measured) if timing else {}
+    report = build_report(program, target, timeline, n, measured)
     return SimResult(outputs, raw, report, timeline)

@@ -36,6 +36,7 @@ from qcompile.quant_math import requantize
 
 from ..isa import Buf, DType, DTYPE_BITS, DTYPE_NUMPY, Instr, Op, PoolMode, Space, index_bits
 from ..program import Program
+from . import _kernels
 from .host import HostRunner
 
 __all__ = ["Machine", "SimulationError", "exact_matmul"]
@@ -50,6 +51,7 @@ except ImportError:  # pragma: no cover - exercised by the torch-less CI step
 # memories, as indexed in Machine.mem and in blocks
 ACT, WGT, ACC, CONST, ARENA = Buf.ACT, Buf.WGT, Buf.ACC, 3, 4
 Block = Tuple[int, np.dtype, int, Tuple[int, ...], Tuple[int, ...]]   # memory, dtype, byte offset, dims, byte strides
+_KERNEL_TYPES = {np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.int32)}   # what _kernels.requantize takes
 _CHUNK = 1 << 16        # float64 elements requantized at a time (512 KiB, in L2)
 
 
@@ -60,9 +62,10 @@ class SimulationError(QCompileError):
 class Machine:
     """The memories of `n` inferences of one program on one target."""
 
-    def __init__(self, program: Program, target, n: int):
+    def __init__(self, program: Program, target, n: int, count: bool = True):
         self.program = program
         self.n = n
+        self.count = count             # measure operand sparsity for the energy model (timing runs only)
         self.limits = (target.sram["activation"].size_bytes, target.sram["weight"].size_bytes,
                        target.sram["accumulator"].size_bytes // 4 * 4, len(program.const), program.arena_size)
         self.plan = _Plan.of(program, program.instructions, self.limits)
@@ -115,6 +118,8 @@ class Machine:
             A = av.reshape(s, m, k)
             acc += np.rint(np.matmul(A.astype(np.float64) - za, B.astype(np.float64) - zb)
                            ).astype(np.int64).astype(np.int32)
+            if not self.count:
+                return
             col = np.not_equal(A, za).sum(axis=1)                                   # (S, K)
             self._count(pc, int((col * np.not_equal(B, zb).sum(axis=2)).sum()), int(col.sum()), s, A.size)
             return
@@ -137,13 +142,16 @@ class Machine:
                 ai -= (zb8 * a8.sum(axis=1, dtype=np.int64)).astype(np.int32).reshape(-1, m, 1)
             if corr is not None:
                 ai += corr
+            if not self.count:
+                continue
             # MACs whose two operands are both nonzero (the others skip their energy): per column of A
             # its nonzero count (a product with ones), times the column's nonzero weights
             ones = np.ones((8, a8.shape[0]), np.int8)
             col = _torch._int_mm(_torch.from_numpy(ones), _torch.from_numpy(np.not_equal(a8, za8).view(np.int8)))
             col = col[0].numpy().astype(np.int64)
             pairs, nonzero = pairs + int(col @ cnt), nonzero + int(col.sum())
-        self._count(pc, pairs, nonzero, s, s * m * k)
+        if self.count:
+            self._count(pc, pairs, nonzero, s, s * m * k)
 
     def _im2col(self, a: np.ndarray, planar, i: int, k: int) -> np.ndarray:
         """(rows, K) copy of A's samples `a` (starting at sample i). A block of channel planes
@@ -189,6 +197,7 @@ class Machine:
     def _vreq(self, src: Block, dst: Block, params: Optional[Block], per: int, mult: int, shift: int, x_zp: int,
               out_zp: int, lo: int, hi: int):
         x = self._view(src)
+        d = self._view(dst)
         if params is not None:
             p = self._view(params)
             m, s = p[..., 0].astype(np.int64), p[..., 1].astype(np.int64)
@@ -196,7 +205,7 @@ class Machine:
             s = s[:, None, :] if per == 1 else s[:, :, None]
         else:
             m, s = mult, shift
-        self._requant(self._view(dst), x, x_zp, _bound(x.dtype, x_zp), m, s, out_zp, lo, hi)
+        self._requant(d, x, x_zp, _bound(x.dtype, x_zp), m, s, out_zp, lo, hi)
 
     def _vadd(self, a: Block, b: Block, d: Block, a_zp, b_zp, ma, mb, shift, out_zp, lo, hi):
         x, y = self._view(a), self._view(b)
@@ -220,7 +229,12 @@ class Machine:
         info = np.iinfo(dst.dtype)
         fits = info.min <= lo and hi <= info.max        # else the int32 result wraps in the cast
         if not _float_exact(bound, m, s, zp, lo, hi):
-            dst[...] = requantize(np.asarray(x).astype(np.int64) - x_zp, m, s, zp, lo, hi).astype(dst.dtype)
+            per = _per(m, s, x)
+            if per is not None and x.dtype in _KERNEL_TYPES and dst.dtype in _KERNEL_TYPES:
+                flat = (lambda a: a.reshape(-1, 1)) if per == 0 else (lambda a: a.reshape(a.shape[0], -1))
+                _kernels.requantize(x, dst, flat(m), flat(s), per, x_zp, zp, lo, hi)   # the integer rule, one pass
+            else:
+                dst[...] = requantize(np.asarray(x).astype(np.int64) - x_zp, m, s, zp, lo, hi).astype(dst.dtype)
             return
         r = np.ldexp(m.astype(np.float64), (-s).astype(np.int32))         # m * 2^-s, exact
         per = max(1, x[0].size)
@@ -264,9 +278,12 @@ class Machine:
 
     def _vdwconv(self, src: Block, wgt: Block, acc_blk: Block, x_zp: int, win):
         kh, kw, sh, sw, dh, dw, oh, ow = win
-        xc = self._view(src).astype(np.int32) - x_zp
-        w = self._view(wgt).astype(np.int32)
-        acc = self._view(acc_blk)
+        x, w, acc = self._view(src), self._view(wgt), self._view(acc_blk)
+        if x.dtype.itemsize == 1 and w.dtype == np.int8:                 # one fused pass
+            _kernels.depthwise(x, w, acc, x_zp, sh, sw, dh, dw)
+            return
+        xc = x.astype(np.int32) - x_zp
+        w = w.astype(np.int32)
         total = np.zeros(acc.shape, np.int32)
         tmp = np.empty(acc.shape, np.int32)
         for i in range(kh):
@@ -304,6 +321,21 @@ def _float_exact(bound: int, m: np.ndarray, s: np.ndarray, zp: int, lo: int, hi:
     return (bound < 2 ** 53 and 1 <= s_lo and s_hi <= 52 and m_max < 2 ** 31
             and (2 * abs(zp) + 1) * 2 ** (s_hi - 1) <= 2 ** 52
             and (bound * m_max < 2 ** 52 or 2 ** (52 - s_hi) >= max(hi - zp, zp - lo)))
+
+
+def _per(m: np.ndarray, s: np.ndarray, x: np.ndarray) -> Optional[int]:
+    """How multipliers and shifts of the same shape vary over (S, rows, cols) values x, as
+    `_kernels.requantize` takes them (0: one per sample or in all, 1: per column, 2: per
+    row); None when the kernel cannot take them."""
+    if x.ndim != 3 or m.shape != s.shape:
+        return None
+    if m.ndim == 0 or m[0].size == 1:
+        return 0
+    if m.ndim == 3 and m.shape[1] == 1 and m.shape[2] == x.shape[2]:
+        return 1
+    if m.ndim == 3 and m.shape[2] == 1 and m.shape[1] == x.shape[1]:
+        return 2
+    return None
 
 
 def _pool(x: np.ndarray, win, op, dtype) -> np.ndarray:
