@@ -248,6 +248,7 @@ def _cmd_compile(args) -> int:
         print(timing.report(), file=sys.stderr)
     if stats is not None:
         print(stats.report(), file=sys.stderr)
+    _print_pass_findings(result.model)
     if target is not None:
         return _compile_for_target(args, result.model, target, float_proto, model)
     if args.output:
@@ -257,6 +258,17 @@ def _cmd_compile(args) -> int:
     else:
         print(result.model)
     return 0
+
+
+def _print_pass_findings(model) -> None:
+    """What the passes found that a user must see, on stderr (stdout may carry the model):
+    layers `quantize` kept at higher precision, and why; the `error-report` table."""
+    for d in model.annotations.get("quantization_decisions") or ():
+        print(f"qcompile: quantize: {d['op']} '{d['node']}': {d['reason']}", file=sys.stderr)
+    report = model.annotations.get("error_report")
+    if report is not None:
+        table = report.format_table()
+        print(table, file=sys.stderr, end="" if table.endswith("\n") else "\n")
 
 
 def _prepare_target(args, model):
@@ -326,8 +338,6 @@ def _compile_for_target(args, int_model, target, float_proto: bytes, float_model
         raise QCompileError(f"--target {args.target}: the pipeline '{args.passes}' does not produce an integer "
                             "graph; end it with lower-integer (the default pipeline is " + TARGET_PIPELINE + ")")
     program = compile_program(int_model, target, dump=dump)
-    if args.output:
-        save_program(program, args.output)
     samples = _simulation_samples(args, float_model, program)
     result = simulate(program, target, samples)
     report = result.report
@@ -336,6 +346,9 @@ def _compile_for_target(args, int_model, target, float_proto: bytes, float_model
     for name, e in report["error_vs_float"].items():
         print(f"error vs float on {e['samples']} samples, output {name}: SQNR {e['sqnr_db']:.2f} dB, cosine "
               f"{e['cosine']:.5f}, top-1 agreement {100 * e['top1_agreement']:.1f}%")
+    # outputs only once everything has run: a failed simulation leaves no program behind
+    if args.output:
+        save_program(program, args.output)
     if args.report_json:
         atomic_write(args.report_json, json.dumps(report, indent=2, default=float), mode="w")
     if args.output:

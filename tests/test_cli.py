@@ -180,3 +180,18 @@ def test_bad_output_folder_and_debug_traceback(tmp_path, mlp):
     assert_user_error(qcompile(mlp, "-o", tmp_path / "no" / "o.onnx", cwd=tmp_path), "does not exist")
     r = qcompile(tmp_path / "nope.onnx", "--debug", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def test_quantize_fallbacks_and_the_error_report_are_printed(tmp_path):
+    """The layers kept at higher precision, with the reason, and the error-report table
+    reach the user on stderr (stdout stays for the model when there is no -o)."""
+    examples = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
+    r = qcompile(os.path.join(examples, "digits_cnn.onnx"), "--passes",
+                 "fold,calibrate,quantize{weights=int2,min_weight_sqnr=20},error-report{samples=8}",
+                 "--calib", os.path.join(examples, "digits_calib.npz"), "-o", tmp_path / "q.onnx", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    kept = [l for l in r.stderr.splitlines() if l.startswith("qcompile: quantize: ")]
+    assert kept and all("dB SQNR < 20 dB: kept at int8" in l for l in kept)
+    assert "qcompile: quantize: Gemm '/8/Gemm': i2 weights give" in r.stderr
+    assert "quantization error over 8 samples: model output SQNR" in r.stderr
+    assert "layer (only it quantized)" in r.stderr and "/0/Conv" in r.stderr

@@ -174,6 +174,18 @@ def test_compile_for_target_needs_calibration_data(tmp_path):
     assert (tmp_path / "m.rsim").exists()
 
 
+def test_a_failed_simulation_leaves_no_program_behind(tmp_path):
+    """Calibration takes samples of batch 2 for the symbolic batch dimension; the program is
+    compiled for batch 1, so simulating those samples fails after compilation: exit 2 and
+    no .rsim or report file."""
+    x = np.load(CALIB)["input"][:32].reshape(16, 2, 1, 8, 8)
+    np.savez(tmp_path / "batch2.npz", input=x)
+    r = _qcompile(MODEL, "--target", "rain-sim", "--calib", tmp_path / "batch2.npz", "-o", tmp_path / "m.rsim",
+                  "--report-json", tmp_path / "r.json")
+    assert r.returncode == 2 and "input 'input'" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batch2.npz"]
+
+
 def test_dump_stages_and_bad_stage(tmp_path):
     r = _qcompile(MODEL, "--target", "rain-sim", "--calib", CALIB, "--dump", "all")
     assert r.returncode == 0, r.stderr
