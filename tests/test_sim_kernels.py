@@ -76,3 +76,19 @@ def test_depthwise_kernel_equals_int32_sums(data):
     want = ((want + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.int32)     # int32 wrap-around
     _kernels.depthwise(x, w, acc, x_zp, sh, sw, dh, dw)
     assert np.array_equal(acc, want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_gather_rows_is_the_explicit_im2col(data):
+    """A 6-D (S, m0, m1, k0, k1, k2) view with contiguous k2 (any other strides, windows
+    overlapping) copied to (S m0 m1, k0 k1 k2) rows: numpy's reshape, by memcpy."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
+    dims = [data.draw(st.integers(1, 4)) for _ in range(5)] + [data.draw(st.integers(1, 40))]
+    k2 = dims[5]
+    strides = [data.draw(st.integers(0, 3)) * k2 for _ in range(5)] + [1]
+    base = rng.integers(0, 256, sum((d - 1) * s for d, s in zip(dims, strides)) + 1).astype(np.uint8)
+    a = np.ndarray(tuple(dims), np.uint8, base, 0, tuple(strides))
+    out = np.empty((dims[0] * dims[1] * dims[2], dims[3] * dims[4] * k2), np.uint8)
+    _kernels.gather_rows(a, out)
+    assert np.array_equal(out, a.reshape(out.shape))

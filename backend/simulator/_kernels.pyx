@@ -6,6 +6,7 @@ int64 arithmetic, one rounding, saturation; built with -fwrapv, as every extensi
 so an int64 product that overflows wraps as numpy's does.
 """
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t
+from libc.string cimport memcpy
 
 ctypedef fused src_t:
     int8_t
@@ -110,3 +111,26 @@ def depthwise(const pix_t[:, :, :, :] src, const int8_t[:, :, :, :] wgt, int32_t
                             else:
                                 for x in range(OW):
                                     ap[x * ys] += (<int32_t>sp[x * xs] - x_zp) * w
+
+
+def gather_rows(const uint8_t[:, :, :, :, :, :] a, uint8_t[:, ::1] out):
+    """out[(s, i, j), (p, q, r)] = a[s, i, j, p, q, r]: the implicit im2col of a MATMUL
+    operand made explicit, for a view whose innermost axis is contiguous (the channels
+    of pixel-major planes): one memcpy per run of a.shape[5] bytes, where numpy copies
+    element by element."""
+    cdef Py_ssize_t S = a.shape[0], M0 = a.shape[1], M1 = a.shape[2], K0 = a.shape[3], K1 = a.shape[4]
+    cdef Py_ssize_t K2 = a.shape[5]
+    cdef Py_ssize_t s, i, j, p, q, row = 0
+    cdef uint8_t* d
+    if a.strides[5] != 1 or out.shape[0] != S * M0 * M1 or out.shape[1] != K0 * K1 * K2:
+        raise ValueError("gather_rows: operand and output do not match")
+    with nogil:
+        for s in range(S):
+            for i in range(M0):
+                for j in range(M1):
+                    d = &out[row, 0]
+                    for p in range(K0):
+                        for q in range(K1):
+                            memcpy(d, &a[s, i, j, p, q, 0], K2)
+                            d += K2
+                    row += 1

@@ -161,6 +161,10 @@ class Machine:
             region, strides = planar                                    # (S, k2, P) planes
             t = np.ascontiguousarray(self._view(region)[i:i + a.shape[0]].transpose(0, 2, 1))
             a = np.ndarray(a.shape, a.dtype, t, 0, (t.strides[0],) + strides)
+        if a.itemsize == 1 and a.strides[5] == 1 and a.shape[5] >= 16 and not a.flags.c_contiguous:
+            out = np.empty((a.size // k, k), a.dtype)
+            _kernels.gather_rows(a.view(np.uint8), out.view(np.uint8))     # runs of channels, memcpy each
+            return out
         return a.reshape(-1, k)
 
     def _count(self, pc: int, pairs: int, nonzero: int, s: int, size: int):
