@@ -160,6 +160,27 @@ def test_digits_activation_thresholds_reach_their_target(digits_float):
     assert acc >= digits_float - 0.1
     q = run(f"calibrate{{data={CALIB},progress=false}},quantize{{search_samples=0}},lower-integer", m).model
     assert any(n.op_type == "QConv" for n in q.graph.nodes)
+    _thresholds_run_as_tables(q, {"input": np.load(EVAL)["input"][:6]}, 2)
+
+
+def _thresholds_run_as_tables(int_model, feeds, count):
+    """On rain-sim the thresholds are lookup tables of the vector unit (not HOST ops), and
+    the simulator's outputs equal the integer reference's."""
+    from qcompile.backend.lowering import compile_program
+    from qcompile.backend.reference import run_integer_graph
+    from qcompile.backend.simulator import simulate
+    from qcompile.backend.target import load_target
+
+    target = load_target("rain-sim")
+    prog = compile_program(int_model, target)
+    tables = [l for l in prog.layers if l["op"].startswith("LUT:")]
+    assert len(tables) == count and all(l["unit"] == "vector" for l in tables), prog.layers
+    assert not {h.op_type for h in prog.host_ops} & {"ThresholdedRelu", "Where", "Less", "Abs"}
+    res = simulate(prog, target, feeds)
+    n = next(iter(feeds.values())).shape[0]
+    for i in range(n):
+        for name, want in run_integer_graph(int_model, {k: v[i] for k, v in feeds.items()}).items():
+            assert np.array_equal(res.outputs[name][i], want)
 
 
 def test_signed_activation_gets_a_where_threshold():
@@ -176,6 +197,8 @@ def test_signed_activation_gets_a_where_threshold():
     assert [n.op_type for n in m.graph.nodes] == ["Conv", "Abs", "Less", "Where", "Conv"]
     (e,) = [e for e in json.loads(m.metadata_props["qcompile.sparsity"])["activations"].values() if "threshold" in e]
     assert e["source"] == "a" and abs(e["zero_fraction"] - 0.5) < 0.02
+    q = run("calibrate{progress=false},quantize{search_samples=0},lower-integer", m).model
+    _thresholds_run_as_tables(q, {"x": rng.normal(size=(3, 1, 4, 5, 5)).astype(np.float32)}, 1)
 
 
 @pytest.mark.parametrize("options, message", [

@@ -41,6 +41,8 @@ ELEMENTWISE_FLOAT_OPS = frozenset({
     "Sigmoid", "Tanh", "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish", "Softplus",
     "Softsign", "Exp", "Log", "Erf", "Gelu", "Neg", "Abs", "Sqrt", "Reciprocal", "Clip", "Add", "Sub", "Mul",
     "Div", "Pow", "Mish", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Identity", "BatchNormalization",
+    # activation-sparsity thresholds (the sparsify pass): ThresholdedRelu, Where(Less(Abs(x), t), 0, x)
+    "ThresholdedRelu", "Where", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Equal", "Not",
 })
 
 
