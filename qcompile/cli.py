@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from typing import List, Optional, Sequence
 
 from . import __version__
@@ -55,7 +56,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        return _dispatch(argv)
+        with warnings.catch_warnings():
+            if not debug:       # one line each, as errors are; --debug keeps Python's form (file, line)
+                warnings.showwarning = _show_warning
+            return _dispatch(argv)
     except QCompileError as e:
         if debug:
             traceback.print_exc()
@@ -74,6 +78,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 file=sys.stderr,
             )
         return 1
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"qcompile: warning: {_one_line(message)}", file=sys.stderr if file is None else file)
 
 
 def _one_line(e: BaseException) -> str:

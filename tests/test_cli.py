@@ -195,3 +195,15 @@ def test_quantize_fallbacks_and_the_error_report_are_printed(tmp_path):
     assert "qcompile: quantize: Gemm '/8/Gemm': i2 weights give" in r.stderr
     assert "quantization error over 8 samples: model output SQNR" in r.stderr
     assert "layer (only it quantized)" in r.stderr and "/0/Conv" in r.stderr
+
+
+def test_warnings_are_one_line_without_debug(tmp_path):
+    examples = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
+    args = (os.path.join(examples, "digits_cnn.onnx"), "--passes", "fold,sparsify{activations=0.5},calibrate",
+            "--calib", os.path.join(examples, "digits_calib.npz"), "-o", tmp_path / "s.onnx")
+    r = qcompile(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "qcompile: warning: sparsify: layer '/0/Conv' (Conv) skipped" in r.stderr
+    assert "UserWarning" not in r.stderr and ".py:" not in r.stderr
+    r = qcompile(*args, "--debug", cwd=tmp_path)
+    assert "UserWarning: sparsify: layer '/0/Conv'" in r.stderr
