@@ -232,6 +232,25 @@ def test_digits_example_bit_exact_on_every_target(target):
     assert all(l["unit"] != "host" for l in prog.layers)
 
 
+def test_a_layer_no_tiling_fits_runs_on_the_host(monkeypatch):
+    """A model too large for the target's buffers is never refused: a matrix layer with
+    no tiling that fits (forced here: no candidate tilings at all) becomes a HOST op run
+    by the integer reference, named in the report with the reason, and stays bit-exact."""
+    from qcompile.backend.lowering import matrix
+
+    model = load(os.path.join(EXAMPLES, "digits_cnn.onnx"))
+    calib = np.load(os.path.join(EXAMPLES, "digits_calib.npz"))["input"]
+    model.annotations["calibration_data"] = [{"input": x} for x in calib[:32]]
+    int_model = qcompile.PassManager.parse("fold,calibrate{progress=false},quantize,lower-integer").run(model).model
+    monkeypatch.setattr(matrix, "_ranked", lambda candidates, cost, keep=12: [])
+    data = np.load(os.path.join(EXAMPLES, "digits_eval.npz"))
+    prog, res = _check(int_model, {"input": data["input"][:4]}, "tiny")
+    hosted = [l for l in prog.layers if l["op"] in ("QConv", "QGemm")]
+    assert len(hosted) == 3 and all(l["unit"] == "host" for l in hosted)
+    assert all("no tiling of " in l["reason"] and "fits the target's SRAM buffers" in l["reason"] for l in hosted)
+    assert {h["op"] for h in res.report["host_ops"]} == {"QConv", "QGemm"}
+
+
 def _torch_integer(name):
     pytest.importorskip("torch")
     import torch

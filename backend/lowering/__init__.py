@@ -23,7 +23,7 @@ from ._alloc import allocate
 from .context import Context, Slot
 from .emitter import Emitter, verify_tokens
 from .host import lower_host
-from .matrix import lower_conv, lower_gemm
+from .matrix import NoTilingError, lower_conv, lower_gemm
 from .plan import Layer, LoweringError, Plan, plan_layers
 from .vector import lower_dwconv, lower_move, lower_pointwise, lower_pool
 
@@ -51,12 +51,14 @@ def compile_program(model, target, dump: Optional[Callable[[str, str], None]] = 
         if kind == "alias":
             layer.attrs.update(precision="-", macs=0)
             continue
-        if kind == "conv":
-            lower_conv(ctx, layer)
+        if kind in ("conv", "gemm"):
+            try:
+                (lower_conv if kind == "conv" else lower_gemm)(ctx, layer)
+            except NoTilingError as e:      # too large for the buffers: the host runs it
+                layer.kind, layer.reason = "host", str(e)
+                lower_host(ctx, layer, host_ops, plan.shapes, plan.dtypes)
         elif kind == "dwconv":
             lower_dwconv(ctx, layer)
-        elif kind == "gemm":
-            lower_gemm(ctx, layer)
         elif kind == "pool":
             lower_pool(ctx, layer)
         elif kind == "pointwise":

@@ -153,7 +153,12 @@ def _schedule(ctx: Context, layer: Layer, candidates: Iterator[tuple], emit: Cal
             em.rollback()
             if tried > 40:
                 break
-    raise LoweringError(f"node {layer.name}: no tiling fits the target's SRAM buffers (even 1 x 1 tiles)")
+    raise NoTilingError(f"no tiling of {layer.name} fits the target's SRAM buffers (even 1 x 1 tiles)")
+
+
+class NoTilingError(LoweringError):
+    """No tiling of a layer fits the SRAM buffers: the layer then runs on the host
+    (compile_program), so a model is never refused for its size."""
 
 
 # -- convolution ----------------------------------------------------------------------
