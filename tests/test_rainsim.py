@@ -461,3 +461,32 @@ def test_onnx_light_model_squeezenet_end_to_end():
     assert kinds.count("conv") == 26 and "move" in kinds
     assert {h["op"] for h in res.report["host_ops"]} <= {"Softmax", "Dequantize", "Quantize", "Flatten", "Reshape"}
     assert res.report["total"]["macs"] > 3e8 and res.report["total"]["cycles"] > 0
+
+
+def test_report_text_has_shapes_energy_components_and_sparsity_per_layer():
+    from qcompile.backend.simulator import format_report
+
+    model = load(os.path.join(EXAMPLES, "digits_cnn.onnx"))
+    calib = np.load(os.path.join(EXAMPLES, "digits_calib.npz"))["input"]
+    model.annotations["calibration_data"] = [{"input": x} for x in calib[:32]]
+    int_model = qcompile.PassManager.parse(
+        "fold,sparsify{weights=2:4},calibrate{progress=false},quantize{overrides=Gemm:int4},lower-integer"
+    ).run(model).model
+    target = TARGETS["rain-sim"]
+    res = simulate(compile_program(int_model, target), target, {"input": np.load(
+        os.path.join(EXAMPLES, "digits_eval.npz"))["input"][:4]})
+    text = format_report(res.report)
+    head = text.splitlines()[1].split()
+    for col in ("input", "output", "prec", "E mac".split()[0], "vec", "sram", "dram", "stat"):
+        assert col in head
+    conv = next(l for l in text.splitlines() if " /3/Conv " in l and "QConv" in l)
+    assert "1x8x8x8" in conv and "1x16x8x8" in conv
+    e = res.report["total"]["energy_pj"]
+    by = {}
+    for l in res.report["layers"]:
+        by[l["precision"]] = by.get(l["precision"], 0.0) + l["energy_pj"]["mac"]
+    assert f"(a8w8 {by['a8w8'] / 1e3:.2f}, a8w4 {by['a8w4'] / 1e3:.2f})" in text
+    assert abs(sum(by.values()) - e["mac"]) < 1e-6 * max(1.0, e["mac"])
+    rows = text[text.index("sparsity per layer"):].splitlines()
+    conv_row = next(r for r in rows if "/3/Conv" in r).split()
+    assert conv_row[2:4] == ["50%", "2:4"]

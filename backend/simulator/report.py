@@ -3,9 +3,11 @@
 Per layer: op, shapes, precision, MACs, cycles (span from its first instruction's start
 to its last one's end, busy cycles per unit, stall cycles), matrix utilization (MACs
 over the array's MAC slots in its busy cycles), SRAM and DRAM bytes, and energy by
-component (MAC, vector, SRAM, DRAM, and static power over the layer's span). Totals add
-the whole run's static energy, and HOST ops are listed with the reason each runs on
-the host. `format_report` prints the table; `report` is also plain JSON data.
+component (MAC, vector, SRAM, DRAM, and static power over the layer's span), and for
+matrix layers their sparsity (weight density, N:M pattern, zero activations) and what
+it saved. Totals add the whole run's static energy and split MAC energy by precision;
+HOST ops are listed with the reason each runs on the host. `format_report` prints the
+tables; `report` is also plain JSON data.
 """
 from __future__ import annotations
 
@@ -119,9 +121,9 @@ def _si(n: float) -> str:
 
 
 def format_report(rep: Dict[str, Any]) -> str:
-    head = (f"{'#':>3} {'layer':<24} {'op':<12} {'output':<13} {'unit':<6} {'prec':<6} {'MACs':>6} {'cycles':>8} "
-            f"{'matrix':>8} {'vector':>7} {'dma':>8} {'stall':>8} {'util':>5} {'SRAM B':>6} {'DRAM B':>6} "
-            f"{'E mac':>7} {'E sram':>7} {'E dram':>8} {'E nJ':>8}")
+    head = (f"{'#':>3} {'layer':<24} {'op':<12} {'input':<13} {'output':<13} {'unit':<6} {'prec':<10} {'MACs':>6} "
+            f"{'cycles':>8} {'matrix':>8} {'vector':>7} {'dma':>8} {'stall':>8} {'util':>5} {'SRAM B':>6} "
+            f"{'DRAM B':>6} {'E mac':>7} {'E vec':>6} {'E sram':>7} {'E dram':>8} {'E stat':>6} {'E nJ':>8}")
     lines = [f"rain-sim report: target {rep['target']} ({rep['array']}, {rep['clock_mhz']:g} MHz), "
              f"per inference ({rep['samples']} simulated); energies in nJ", head, "-" * len(head)]
     for i, l in enumerate(rep["layers"]):
@@ -131,11 +133,13 @@ def format_report(rep: Dict[str, Any]) -> str:
         util = f"{100 * l['utilization']:.0f}%" if l["utilization"] is not None else "-"
         e = l["energy_pj"]
         shape = "x".join(map(str, l["output"]))
-        lines.append(f"{i:>3} {l['name'][:24]:<24} {l['op'][:12]:<12} {shape[:13]:<13} {l['unit']:<6} "
-                     f"{str(l['precision'])[:6]:<6} {_si(l['macs']):>6} {c['span']:>8} {c['matrix']:>8} "
-                     f"{c['vector']:>7} {c['dma']:>8} {c['stall']:>8} {util:>5} {_si(l['sram_bytes']):>6} "
-                     f"{_si(l['dram_bytes']):>6} {e['mac'] / 1e3:>7.2f} {e['sram'] / 1e3:>7.2f} "
-                     f"{e['dram'] / 1e3:>8.2f} {sum(e.values()) / 1e3:>8.2f}")
+        first = "x".join(map(str, l["inputs"][0])) + ("+" if len(l["inputs"]) > 1 else "") if l["inputs"] else "-"
+        lines.append(f"{i:>3} {l['name'][:24]:<24} {l['op'][:12]:<12} {first[:13]:<13} {shape[:13]:<13} "
+                     f"{l['unit']:<6} {str(l['precision'])[:10]:<10} {_si(l['macs']):>6} {c['span']:>8} "
+                     f"{c['matrix']:>8} {c['vector']:>7} {c['dma']:>8} {c['stall']:>8} {util:>5} "
+                     f"{_si(l['sram_bytes']):>6} {_si(l['dram_bytes']):>6} {e['mac'] / 1e3:>7.2f} "
+                     f"{e['vector'] / 1e3:>6.2f} {e['sram'] / 1e3:>7.2f} {e['dram'] / 1e3:>8.2f} "
+                     f"{e['static'] / 1e3:>6.2f} {sum(e.values()) / 1e3:>8.2f}")
     t = rep["total"]
     e = t["energy_pj"]
     mu = f"{100 * t['matrix_utilization']:.0f}%" if t["matrix_utilization"] is not None else "-"
@@ -146,8 +150,9 @@ def format_report(rep: Dict[str, Any]) -> str:
         f"utilization {mu}), vector {t['busy']['vector']} ({100 * t['utilization']['vector']:.0f}%), "
         f"dma {t['busy']['dma']} ({100 * t['utilization']['dma']:.0f}%); stalls {t['stall']}",
         f"traffic: SRAM {_si(t['sram_bytes'])}B, DRAM {_si(t['dram_bytes'])}B",
-        f"energy: {e['total'] / 1e6:.4f} uJ = MAC {e['mac'] / 1e3:.2f} nJ + vector {e['vector'] / 1e3:.2f} nJ + "
-        f"SRAM {e['sram'] / 1e3:.2f} nJ + DRAM {e['dram'] / 1e3:.2f} nJ + static {e['static'] / 1e3:.2f} nJ",
+        f"energy: {e['total'] / 1e6:.4f} uJ = MAC {e['mac'] / 1e3:.2f} nJ{_by_precision(rep)} + vector "
+        f"{e['vector'] / 1e3:.2f} nJ + SRAM {e['sram'] / 1e3:.2f} nJ + DRAM {e['dram'] / 1e3:.2f} nJ + static "
+        f"{e['static'] / 1e3:.2f} nJ",
     ]
     sparse = [l for l in rep["layers"] if l.get("sparsity")]
     if sparse:
@@ -160,6 +165,9 @@ def format_report(rep: Dict[str, Any]) -> str:
             f"energy); saved vs dense: {sum(l['sparsity']['saved_cycles'] for l in sparse)} matrix cycles, "
             f"{sum(l['sparsity']['saved_mac_energy_pj'] for l in sparse) / 1e3:.2f} nJ MAC energy, "
             f"{_si(sum(l['sparsity']['saved_dram_bytes'] for l in sparse))}B of weight DRAM traffic")
+    if any(l["sparsity"]["nm"] or (l["sparsity"]["weight_density"] or 1.0) < 1.0 or
+           l["sparsity"]["activation_zeros"] > 0 for l in sparse):
+        lines += _sparsity_table(rep)
     if rep["host_ops"]:
         counts: Dict[str, int] = {}
         for h in rep["host_ops"]:
@@ -168,3 +176,30 @@ def format_report(rep: Dict[str, Any]) -> str:
                      ", ".join(f"{n} {op}" for op, n in sorted(counts.items(), key=lambda kv: -kv[1])) +
                      " (each with its reason in --report-json)")
     return "\n".join(lines) + "\n"
+
+
+def _by_precision(rep: Dict[str, Any]) -> str:
+    """' (a8w8 1.20, a8w4 0.14)': MAC energy per operand precision, when there are several."""
+    by: Dict[str, float] = {}
+    for l in rep["layers"]:
+        if l["energy_pj"]["mac"]:
+            by[str(l["precision"])] = by.get(str(l["precision"]), 0.0) + l["energy_pj"]["mac"]
+    if len(by) < 2:
+        return f" ({next(iter(by))})" if by else ""
+    return " (" + ", ".join(f"{p} {v / 1e3:.2f}" for p, v in sorted(by.items(), key=lambda kv: -kv[1])) + ")"
+
+
+def _sparsity_table(rep: Dict[str, Any]) -> List[str]:
+    """Per matrix layer: weight density, N:M pattern, zero activations, and what they saved."""
+    head = (f"{'#':>3} {'layer':<24} {'weights':>7} {'N:M':>5} {'act 0s':>6} {'cycles saved':>12} "
+            f"{'MAC nJ saved':>12} {'DRAM B saved':>12}")
+    lines = ["sparsity per layer (weights: density of the weights kept; act 0s: zero A operands):", head]
+    for i, l in enumerate(rep["layers"]):
+        sp = l.get("sparsity")
+        if not sp:
+            continue
+        density = f"{100 * sp['weight_density']:.0f}%" if sp["weight_density"] is not None else "-"
+        lines.append(f"{i:>3} {l['name'][:24]:<24} {density:>7} {sp['nm'] or '-':>5} "
+                     f"{100 * sp['activation_zeros']:>5.0f}% {sp['saved_cycles']:>12} "
+                     f"{sp['saved_mac_energy_pj'] / 1e3:>12.2f} {_si(sp['saved_dram_bytes']):>12}")
+    return lines
