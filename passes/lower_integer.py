@@ -16,7 +16,7 @@ QuantizeLinear that is the only reader of the op's output, or of a Relu/Clip tha
      divisor varies with the position (padding excluded by count_include_pad=0, or
      windows that ceil_mode=1 runs past the input), one multiplier and shift per output
      position r = s_x / (s_y * count), so the division stays exact integer arithmetic.
-  6. DQ -> MaxPool|Flatten|Reshape|Transpose|Squeeze|Unsqueeze [-> Relu|Clip] -> Q  =>  the
+  6. DQ -> MaxPool|Flatten|Reshape|Transpose|Squeeze|Unsqueeze|Slice [-> Relu|Clip] -> Q  =>  the
      same op on the integer tensor, then a Requantize when the scale, zero point or
      bounds change.
   7. DQ.. -> Concat -> Q                            =>  a Requantize per input whose scale
@@ -53,7 +53,7 @@ from .narrow_types import widen_narrow_types
 
 __all__ = ["LowerInteger"]
 
-_MOVE = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
+_MOVE = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice"}
 _FUSE = {"Relu", "Clip"}
 _INT32_MAX = 2 ** 31 - 1
 

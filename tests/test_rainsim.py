@@ -217,6 +217,40 @@ def test_average_pools_tables_transpose_concat_bit_exact(target):
     assert not [l for l in prog.layers if l["unit"] == "host"]
 
 
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_slice_is_data_movement_and_bit_exact(data):
+    """Slice of a quantized tensor (random starts, ends, negative indices, steps, axes) is
+    a DMA move on the accelerator, not a HOST op, and matches the integer reference."""
+    c, h, w = data.draw(st.integers(2, 9)), data.draw(st.integers(2, 12)), data.draw(st.integers(2, 12))
+    dims = [c, h, w]
+    axes = data.draw(st.lists(st.sampled_from([1, 2, 3, -1]), min_size=1, max_size=3, unique_by=lambda a: a % 4))
+    starts, ends, steps = [], [], []
+    for a in axes:
+        d = dims[a % 4 - 1]
+        lo = data.draw(st.integers(-d, d - 1))
+        starts.append(lo)
+        first = lo + d if lo < 0 else lo
+        ends.append(data.draw(st.integers(first + 1, d + 3)))
+        steps.append(data.draw(st.integers(1, 3)))
+    wt = RNG.standard_normal((c, c, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"]),
+             helper.make_node("Slice", ["a", "st", "en", "ax", "sp"], ["b"]),
+             helper.make_node("Relu", ["b"], ["y"])]
+    ints = [("st", np.array(starts, np.int64)), ("en", np.array(ends, np.int64)), ("ax", np.array(axes, np.int64)),
+            ("sp", np.array(steps, np.int64))]
+    proto = _model(nodes, [("x", [1, c, h, w])], None, [("w", wt)] + ints)
+    int_model = _integer(proto, [{"x": x} for x in _samples({"x": (1, c, h, w)}, 6)["x"]])
+    target = data.draw(st.sampled_from(sorted(TARGETS)))
+    prog, _ = _check(int_model, _samples({"x": (1, c, h, w)}, 2), target)
+    index = [slice(None)] * 4
+    for a, lo, hi, k in zip(axes, starts, ends, steps):
+        index[a % 4] = slice(lo, hi, k)
+    noop = np.zeros((1, c, h, w))[tuple(index)].shape == (1, c, h, w)        # fold removes a Slice of everything
+    assert [l["op"] for l in prog.layers if l["kind"] == "move"] == ([] if noop else ["Slice"]), prog.layers
+    assert not [l for l in prog.layers if l["unit"] == "host"]
+
+
 # -- whole models ---------------------------------------------------------------------------
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_digits_example_bit_exact_on_every_target(target):

@@ -4,7 +4,7 @@ Each node of the integer graph becomes one of:
   1. an accelerator layer, by kind: `conv` (QConv on the matrix unit, groups included),
      `dwconv` (depthwise QConv on the vector unit), `gemm` (QGemm, QMatMul with constant
      weights, and QMatMul of two activations), `pointwise` (QAdd, QMul, Requantize, and
-     8-bit lookup tables), `pool` (MaxPool, QAveragePool), `move` (Transpose, Concat);
+     8-bit lookup tables), `pool` (MaxPool, QAveragePool), `move` (Transpose, Concat, Slice);
   2. an alias: Reshape, Flatten, Squeeze and Unsqueeze of a dense row-major tensor move
      no data, the output shares the input's DRAM slot;
   3. a lookup table: a chain of elementwise float ops (Sigmoid, Tanh, GELU, Exp, ...)
@@ -276,9 +276,17 @@ def _classify(node: Node, shapes, dtypes, weight_bits, static) -> Layer:
             if node.attr("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
                 return _host(node, "MaxPool auto_pad")
             return Layer("pool", name, "MaxPool", node, ins, outs, {"mode": "max"})
-        if integer and node.op_type in ("Transpose", "Concat"):
+        if integer and node.op_type in ("Transpose", "Concat", "Slice"):
             if node.op_type == "Concat" and any(_is_const(v) or id(v) in static for v in ins):
                 return _host(node, "Concat of a constant")
+            if node.op_type == "Slice":
+                if _is_const(x) or id(x) in static:
+                    return _host(node, "Slice of a constant")
+                if any(v is not None and _const(v) is None for v in ins[1:]):
+                    return _host(node, "Slice with starts, ends, axes or steps that are not constants")
+                steps = _const(_opt(node, 4))
+                if steps is not None and np.any(np.asarray(steps) <= 0):
+                    return _host(node, "Slice with a negative step")
             return Layer("move", name, node.op_type, node, ins, outs)
     return _host(node, "no rain-sim unit runs this op")
 

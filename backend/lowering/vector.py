@@ -414,6 +414,14 @@ def lower_move(ctx: Context, layer: Layer) -> None:
         _pointwise(ctx, layer, list(ys.shape), [(xs, [xst[p] for p in perm], 0)], (ys, _dense_strides(ys.shape), 0),
                    None, f"transpose perm={perm}")
         return
+    if node.op_type == "Slice":
+        xs = ctx.slot(node.inputs[0])
+        starts, steps = _slice_starts(node, list(xs.shape), ctx.plan)
+        xst = _dense_strides(xs.shape)
+        base = sum(s * st for s, st in zip(starts, xst))
+        _pointwise(ctx, layer, list(ys.shape), [(xs, [st * k for st, k in zip(xst, steps)], base)],
+                   (ys, _dense_strides(ys.shape), 0), None, f"slice starts={starts} steps={steps}")
+        return
     # Concat: copy every input into its slice of the output
     axis = int(node.attr("axis")) % len(ys.shape)
     yst = _dense_strides(ys.shape)
@@ -425,3 +433,23 @@ def lower_move(ctx: Context, layer: Layer) -> None:
         _pointwise(ctx, layer, list(xs.shape), [(xs, _dense_strides(xs.shape), 0)], (ys, yst, offset * yst[axis]),
                    None, f"concat input %{v.name} at {offset} on axis {axis}")
         offset += xs.shape[axis]
+
+
+def _slice_starts(node, shape: List[int], plan) -> Tuple[List[int], List[int]]:
+    """Per axis of the input, the first element a Slice (positive steps) reads and its
+    step: ONNX's rule, negative starts counted from the end, clamped to [0, dim]."""
+    if len(node.inputs) == 1:       # opsets 1-9: attributes, no steps
+        starts_in, axes, steps_in = node.attr("starts"), node.attr("axes", None), None
+    else:
+        consts = [None if i >= len(node.inputs) or node.inputs[i] is None else plan.const(node.inputs[i])
+                  for i in range(1, 5)]
+        starts_in, _, axes, steps_in = consts
+    rank = len(shape)
+    axes = [int(a) % rank for a in (axes if axes is not None else range(len(starts_in)))]
+    steps_in = steps_in if steps_in is not None else [1] * len(axes)
+    starts, steps = [0] * rank, [1] * rank
+    for a, s, k in zip(axes, starts_in, steps_in):
+        s = int(s)
+        s = s + shape[a] if s < 0 else s
+        starts[a], steps[a] = min(max(s, 0), shape[a]), int(k)
+    return starts, steps
