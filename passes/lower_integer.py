@@ -22,11 +22,15 @@ QuantizeLinear that is the only reader of the op's output, or of a Relu/Clip tha
   7. DQ.. -> Concat -> Q                            =>  a Requantize per input whose scale
      differs from the output's, then Concat.
   8. DQ -> Relu|Clip -> Q                           =>  Requantize with narrowed bounds.
+  8b. DQ -> ReduceMean|ReduceSum|ReduceMax [-> Relu|Clip] -> Q  =>  [Transpose, the reduced
+     axes last], Reshape to [1, outer, 1, inner], a global QAveragePool (r = s_x / (s_y *
+     count), count = inner for the mean, 1 for the sum) or a [1, inner] MaxPool
+     [+ Requantize], Reshape to the output's shape.
   9. What is left of the QDQ convention becomes the interface: each remaining
      QuantizeLinear becomes `Quantize` (float -> int, graph inputs and host float ops),
      each remaining DequantizeLinear `Dequantize` (graph outputs, host float ops).
 Left alone (they stay float ops, run on the host between Dequantize and Quantize):
-anything else (Softmax, LayerNorm, ReduceMean, LSTM, ...), ops whose output is also read
+anything else (Softmax, LayerNorm, LSTM, ...), ops whose output is also read
 by something other than its Q (or is a graph output), per-channel activation scales,
 Gemm with alpha/beta != 1 or transA, AveragePool with auto_pad or dilations, and
 subgraphs. A rewrite whose rescale factor is outside (0, 2^30) is skipped and counted.
@@ -255,6 +259,74 @@ class LowerInteger(Pass):
         attrs.update(x_zero_point=x.zp, out_zero_point=out.zp, out_min=out.lo, out_max=out.hi)
         return _replace(g, node, out, Node(QAVERAGEPOOL, inputs, attrs, domain=DOMAIN, name=node.name))
 
+    def _reduce(self, g: Graph, node: Node) -> Optional[Node]:
+        """ReduceMean/ReduceSum/ReduceMax over any axes: the reduced axes moved last
+        (Transpose) and the tensor viewed as [1 or the first axis when it is kept,
+        outer, 1, inner] (Reshape), then one
+        global average pool (sum times s_x / (s_y * count), count = inner for the mean
+        and 1 for the sum) or a [1, inner] MaxPool (then a Requantize if the parameters
+        change), reshaped to the output's shape."""
+        x = _act(node.inputs[0])
+        if x is None:
+            raise _Skip("input is not a dequantized integer")
+        shape = x.q.type.shape
+        if shape is None or not shape or not all(isinstance(d, int) for d in shape[1:]):
+            raise _Skip("input shape unknown")
+        rank = len(shape)
+        axes = node.attr("axes", None)
+        if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+            axes = _const(node.inputs[1])
+            if axes is None:
+                raise _Skip("axes are not a constant")
+        if axes is None or len(axes) == 0:
+            if node.attr("noop_with_empty_axes", 0):
+                raise _Skip("empty axes with noop_with_empty_axes")
+            axes = range(rank)
+        axes = sorted({int(a) % rank for a in np.asarray(axes).reshape(-1)})
+        kept = [a for a in range(rank) if a not in axes]
+        batch = 0 in kept            # the first axis stays first: Reshape copies it (0), symbolic or not
+        if not batch and not isinstance(shape[0], int):
+            raise _Skip("a symbolic first axis is reduced")
+        out_shape = [1 if a in axes else shape[a] for a in range(rank)] if node.attr("keepdims", 1) else \
+            [shape[a] for a in kept]
+        outer = int(np.prod([shape[a] for a in kept if a != 0 or not batch]))
+        inner = int(np.prod([shape[a] for a in axes]))
+        lead = shape[0] if batch else 1
+        out = _out(g, node)
+        params = QuantParams(np.float32(x.scale), np.int64(x.zp))
+        extra: List[Node] = []
+
+        def add(n: Node, dims, params=params, dtype=x.q.type.dtype) -> Value:
+            n.output.type = TensorType(dtype, tuple(dims), params)
+            g.insert_before(out.q, n)
+            extra.append(n)
+            return n.output
+
+        v = x.q
+        if kept + axes != list(range(rank)):
+            v = add(Node("Transpose", [v], {"perm": kept + axes}, name=node.name + "_transpose"),
+                    [shape[a] for a in kept + axes])
+        rows = g.make_constant(np.array([0 if batch else 1, outer, 1, inner], np.int64), node.name + "_rows")
+        v = add(Node("Reshape", [v, rows], name=node.name + "_rows"), [lead, outer, 1, inner])
+        if node.op_type == "ReduceMax":
+            v = add(Node("MaxPool", [v], {"kernel_shape": [1, inner]}, name=node.name + "_max"), [lead, outer, 1, 1])
+            r = _requantize(g, v, x.scale, x.zp, out, node.name)
+            if r is not v.producer:
+                r.output.type = TensorType(out.dtype, (lead, outer, 1, 1), QuantParams(np.float32(out.scale),
+                                                                                      np.int64(out.zp)))
+                g.insert_before(out.q, r)
+                extra.append(r)
+                v = r.output
+        else:
+            m, s = _multiplier(x.scale / (out.scale * (inner if node.op_type == "ReduceMean" else 1)))
+            attrs = {"global": 1, "multiplier": int(m), "shift": int(s), "x_zero_point": x.zp,
+                     "out_zero_point": out.zp, "out_min": out.lo, "out_max": out.hi}
+            v = add(Node(QAVERAGEPOOL, [v], attrs, domain=DOMAIN, name=node.name), [lead, outer, 1, 1],
+                    QuantParams(np.float32(out.scale), np.int64(out.zp)), out.dtype)
+        final = g.make_constant(np.array([0 if batch else out_shape[0]] + out_shape[1:] if out_shape else [],
+                                         np.int64), node.name + "_shape")
+        return _replace(g, node, out, Node("Reshape", [v, final], name=node.name + "_reshape"), extra=extra)
+
     def _move(self, g: Graph, node: Node) -> Optional[Node]:
         x = _act(node.inputs[0])
         if x is None or any(_act(v) is not None for v in node.inputs[1:]):
@@ -301,6 +373,7 @@ _RULES = {
     "Add": LowerInteger._binary, "Mul": LowerInteger._binary,
     "AveragePool": LowerInteger._avgpool, "GlobalAveragePool": LowerInteger._avgpool,
     "Relu": LowerInteger._relu, "Clip": LowerInteger._relu, "Concat": LowerInteger._concat,
+    "ReduceMean": LowerInteger._reduce, "ReduceSum": LowerInteger._reduce, "ReduceMax": LowerInteger._reduce,
     **{op: LowerInteger._move for op in _MOVE},
 }
 

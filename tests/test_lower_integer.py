@@ -226,6 +226,42 @@ def test_pooling_and_data_movement_within_one_lsb():
     _compare("Concat+Requantize", b.finish("cat"), b.feeds, ["Concat", "Requantize", "Requantize"])
 
 
+@pytest.mark.parametrize("op, axes, keepdims, act", [
+    ("ReduceMean", [2, 3], 1, None),       # a global average pool
+    ("ReduceMean", [-1], 0, "Relu"),       # over the last axis
+    ("ReduceMean", [1], 1, None),          # over channels: a Transpose first
+    ("ReduceSum", [1, 3], 0, None),
+    ("ReduceMax", [0, 2], 1, None),
+    ("ReduceMean", None, 0, None),         # everything
+])
+def test_reductions_within_one_lsb(op, axes, keepdims, act):
+    b = _Builder(np.random.default_rng(11))
+    x, _ = b.act_input("x", [2, 6, 5, 7])
+    inputs = [x]
+    attrs = {"keepdims": keepdims}
+    if axes is not None and op == "ReduceSum":          # opset 13+: axes as an input
+        b.inits.append(_init("axes", np.array(axes, np.int64)))
+        inputs.append("axes")
+    elif axes is not None:
+        attrs["axes"] = axes
+    b.nodes.append(helper.make_node(op, inputs, ["r"], **attrs))
+    norm = sorted({a % 4 for a in (axes if axes is not None else range(4))})
+    pool = "MaxPool" if op == "ReduceMax" else "QAveragePool"
+    expect = (["Transpose"] if norm != list(range(4 - len(norm), 4)) else []) + ["Reshape", pool, "Reshape"]
+    if op == "ReduceMax":
+        expect.append("Requantize")
+    _compare(op, b.finish("r", act), b.feeds, expect)
+
+
+def test_slice_within_one_lsb():
+    b = _Builder(np.random.default_rng(12))
+    x, _ = b.act_input("x", [2, 6, 9, 8])
+    b.inits += [_init("st", np.array([1, -6], np.int64)), _init("en", np.array([5, 100], np.int64)),
+                _init("ax", np.array([1, 3], np.int64)), _init("sp", np.array([2, 1], np.int64))]
+    b.nodes.append(helper.make_node("Slice", [x, "st", "en", "ax", "sp"], ["s"]))
+    _compare("Slice+Requantize", b.finish("s"), b.feeds, ["Slice", "Requantize"])
+
+
 def test_zz_report_lsb_statistics(capsys):
     """Prints the per-op statistics gathered above (run with -s to see them)."""
     with capsys.disabled():

@@ -251,6 +251,23 @@ def test_slice_is_data_movement_and_bit_exact(data):
     assert not [l for l in prog.layers if l["unit"] == "host"]
 
 
+@pytest.mark.parametrize("op, axes, keepdims, target", [
+    ("ReduceMean", [2, 3], 1, "tiny"), ("ReduceSum", [1], 0, "rain-sim"), ("ReduceMax", [1, 3], 1, "tiny-ws"),
+    ("ReduceMean", [3], 0, "rain-sim-ws")])
+def test_reductions_run_on_the_vector_unit_bit_exact(op, axes, keepdims, target):
+    """ReduceMean/Sum/Max: a Transpose when the reduced axes are not last (DMA), a
+    global average pool or a row MaxPool (VPOOL), reshapes as aliases; no HOST op."""
+    c, h, w = 5, 6, 7
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"]), helper.make_node(op, ["a", "ax"], ["y"], keepdims=keepdims)]
+    proto = _model(nodes, [("x", [1, c, h, w])], None, [("w", RNG.standard_normal((c, c, 1, 1)).astype(np.float32)),
+                                                        ("ax", np.array(axes, np.int64))], opset=18)
+    int_model = _integer(proto, [{"x": x} for x in _samples({"x": (1, c, h, w)}, 6)["x"]])
+    prog, _ = _check(int_model, _samples({"x": (1, c, h, w)}, 3), target)
+    kinds = [l["kind"] for l in prog.layers]
+    assert "pool" in kinds and "host" not in kinds, prog.layers
+    assert ("move" in kinds) == (axes != [3] and axes != [2, 3])
+
+
 # -- whole models ---------------------------------------------------------------------------
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_digits_example_bit_exact_on_every_target(target):

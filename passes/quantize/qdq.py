@@ -76,7 +76,7 @@ __all__ = ["Quantize"]
 
 _WEIGHTED = {"Conv": 0, "Gemm": None, "MatMul": 1}  # op -> weight channel axis (Gemm: from transB)
 _FLOW = {"Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Transpose",
-         "Relu", "Slice"}
+         "Relu", "Slice", "ReduceMean", "ReduceSum", "ReduceMax"}
 _FUSED = {"Relu", "Clip"}
 BITS_KEY = "qcompile.weight_bits"
 _WIDE_DOMAIN = "com.microsoft"  # QuantizeLinear/DequantizeLinear with int16 below opset 21 (onnxruntime's)
