@@ -1,6 +1,6 @@
 """qcompile PTQ against onnxruntime's quantize_static, same models, same data.
 
-    python benchmarks/ptq_vs_onnxruntime.py [--models digits,resnet,mobilenet,transformer]
+    python benchmarks/ptq_vs_onnxruntime.py [--models digits,resnet,mobilenet,transformer,lstm,gru]
                                            [--out benchmarks/results/ptq_vs_onnxruntime.md]
 
 For each model: one float ONNX file; a calibration split and a disjoint evaluation
@@ -104,10 +104,27 @@ def transformer(tmp: str, n_calib: int, n_eval: int) -> Case:
                 "random sequences 6x32 with padding masks (lengths 2-6), seeds 1000/2000")
 
 
+def recurrent(name: str, builder: Callable) -> Callable[[str, int, int], Case]:
+    """An LSTM or GRU classifier of tests/torch_models.py over random sequences; the
+    recurrent cell stays in float (neither quantizer has integer LSTM/GRU kernels here),
+    its Linear head is quantized."""
+    def make(tmp: str, n_calib: int, n_eval: int) -> Case:
+        module, example = builder()
+        path = _export(tmp, name, module, example, ["input"])
+        steps, features = example[0].shape[1:]
+
+        def data(seed: int, n: int) -> List[Feed]:
+            x = np.random.default_rng(seed).normal(0.0, 1.0, (n, 1, steps, features)).astype(np.float32)
+            return [{"input": x[i]} for i in range(n)]
+        return Case(name, path, data(1000, n_calib), data(2000, n_eval), None,
+                    f"random sequences {steps}x{features}, seeds 1000/2000")
+    return make
+
+
 def _builders():
-    from torch_models import mobilenet, resnet
+    from torch_models import gru, lstm, mobilenet, resnet
     return {"digits": digits, "resnet": cnn("resnet", resnet, 16), "mobilenet": cnn("mobilenet", mobilenet, 32),
-            "transformer": transformer}
+            "transformer": transformer, "lstm": recurrent("lstm", lstm), "gru": recurrent("gru", gru)}
 
 
 # -- running and scoring ------------------------------------------------------------------
@@ -258,7 +275,7 @@ def table(results: Dict[str, List[Dict]], cases: Dict[str, Case]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="digits,resnet,mobilenet,transformer")
+    ap.add_argument("--models", default="digits,resnet,mobilenet,transformer,lstm,gru")
     ap.add_argument("--calib", type=int, default=200, help="calibration samples (torch models; digits has 200)")
     ap.add_argument("--eval", type=int, default=500, help="evaluation samples (digits has 300)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "ptq_vs_onnxruntime.md"))

@@ -224,3 +224,37 @@ def test_activation_range_search():
     assert set(chosen) <= q_inputs
     assert _calibration_error(searched) <= _calibration_error(plain) * (1 + 1e-6)
     assert quantized("search_seconds=0").annotations["activation_ranges"] == {}
+
+
+def test_data_movement_of_float_tensors_is_not_quantized():
+    """An LSTM reads and writes float: the Transposes around it and the Squeeze/Gather
+    after it get no Q/DQ pair; only the Linear head's input and output are quantized
+    (as onnxruntime's quantizer does), and a Transpose of a quantized tensor still is."""
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from onnx import TensorProto, helper, numpy_helper
+    from torch_models import lstm
+
+    module, example = lstm()
+    model = qcompile.from_torch(module, example, input_names=["input"], output_names=["output"])
+    rng = np.random.default_rng(0)
+    model.annotations["calibration_data"] = [{"input": rng.normal(size=tuple(example[0].shape)).astype(np.float32)}
+                                             for _ in range(16)]
+    q = qcompile.PassManager.parse("fold,calibrate{progress=false},quantize").run(model).model
+    quantized = [n.inputs[0].name for n in q.graph.nodes if n.op_type == "QuantizeLinear"]
+    assert len(quantized) == 2 and "input" not in quantized, quantized
+    assert not any(n.op_type == "DequantizeLinear" and any(u[0].op_type in ("LSTM", "Transpose")
+                                                             for u in n.outputs[0].uses) for n in q.graph.nodes)
+    del torch
+    # a Transpose after a quantized Conv is quantized with it
+    w = numpy_helper.from_array(rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"]),
+                           helper.make_node("Transpose", ["c"], ["y"], perm=[0, 2, 3, 1])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    m = qcompile.onnx_io.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    m.annotations["calibration_data"] = [{"x": rng.normal(size=(1, 3, 4, 4)).astype(np.float32)} for _ in range(16)]
+    q = qcompile.PassManager.parse("calibrate{progress=false},quantize").run(m).model
+    t = next(n for n in q.graph.nodes if n.op_type == "Transpose")
+    assert t.inputs[0].producer.op_type == "DequantizeLinear"
+    assert [u[0].op_type for u in t.outputs[0].uses] == ["QuantizeLinear"]

@@ -78,6 +78,10 @@ _WEIGHTED = {"Conv": 0, "Gemm": None, "MatMul": 1}  # op -> weight channel axis 
 _FLOW = {"Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Transpose",
          "Relu", "Slice", "ReduceMean", "ReduceSum", "ReduceMax"}
 _FUSED = {"Relu", "Clip"}
+# pure data movement: quantized only when its input already is (as onnxruntime does), so a
+# float tensor moved between float ops (an LSTM's input and output transposes) is not
+# quantized twice for nothing
+_MOVEMENT = {"Flatten", "Reshape", "Transpose", "Slice"}
 BITS_KEY = "qcompile.weight_bits"
 _WIDE_DOMAIN = "com.microsoft"  # QuantizeLinear/DequantizeLinear with int16 below opset 21 (onnxruntime's)
 _PACKED_OPSET = 21  # ONNX INT4/UINT4 in QuantizeLinear/DequantizeLinear
@@ -154,6 +158,9 @@ class Quantize(Pass):
                     bits[name] = str(fmt.dtype)
                     self.stats[f"{node.op_type} quantized"] += 1
             elif node.op_type == "MatMul" or node.op_type in _FLOW:  # MatMul: two activations
+                if node.op_type in _MOVEMENT and not q.is_quantized(node.inputs[0]):
+                    self.stats["data movement of float tensors left in float"] += 1
+                    continue
                 for v in node.inputs:
                     if not _fused_away(v):
                         q.activation(v)
@@ -356,6 +363,11 @@ class _Inserter:
         self.done: Dict[int, Tuple[float, Value, DataType]] = {}  # id(float value or DQ output) -> (scale, DQ output, type)
         self.nonfinite = set(stats.nonfinite())
         self.weights: Dict[tuple, tuple] = {}  # (id(float weight), format, container) -> (params, DQ output, name)
+
+    def is_quantized(self, v: Optional[Value]) -> bool:
+        """Whether `v` already went through a Q -> DQ pair (or is the DQ's output)."""
+        return v is not None and (id(v) in self.done or (v.producer is not None and
+                                                          v.producer.op_type == "DequantizeLinear"))
 
     def activation(self, v: Optional[Value]) -> Optional[float]:
         """Put a Q->DQ pair on `v`; returns its scale (None when it has no range)."""
