@@ -258,3 +258,24 @@ def test_data_movement_of_float_tensors_is_not_quantized():
     t = next(n for n in q.graph.nodes if n.op_type == "Transpose")
     assert t.inputs[0].producer.op_type == "DequantizeLinear"
     assert [u[0].op_type for u in t.outputs[0].uses] == ["QuantizeLinear"]
+
+
+def test_w4a8_transformer_loads_in_onnxruntime_with_its_optimisations():
+    """Opset 21 (packed INT4 weights): attention's Unsqueeze/Reshape/Transpose chains keep
+    their Q/DQ pairs next to them; when they did not, onnxruntime's QDQ propagation built
+    a QuantizeLinear whose output_dtype and zero point disagree and refused the model."""
+    pytest.importorskip("torch")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from torch_models import transformer
+
+    module, (x, mask) = transformer()
+    model = qcompile.from_torch(module, (x, mask), input_names=["x", "mask"], output_names=["y"])
+    rng = np.random.default_rng(0)
+    model.annotations["calibration_data"] = [
+        {"x": rng.normal(size=tuple(x.shape)).astype(np.float32), "mask": mask.numpy()} for _ in range(16)]
+    q = qcompile.PassManager.parse("fold,calibrate{progress=false},quantize{weights=int4,search_samples=0}").run(
+        model).model
+    assert q.opset >= 21
+    sess = ort.InferenceSession(to_proto(q).SerializeToString(), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"x": x.numpy(), "mask": mask.numpy()})[0]
+    assert np.all(np.isfinite(y))

@@ -365,9 +365,22 @@ class _Inserter:
         self.weights: Dict[tuple, tuple] = {}  # (id(float weight), format, container) -> (params, DQ output, name)
 
     def is_quantized(self, v: Optional[Value]) -> bool:
-        """Whether `v` already went through a Q -> DQ pair (or is the DQ's output)."""
-        return v is not None and (id(v) in self.done or (v.producer is not None and
-                                                          v.producer.op_type == "DequantizeLinear"))
+        """Whether `v` already went through a Q -> DQ pair (or is the DQ's output), or is
+        moved from such a tensor by shape ops (Unsqueeze, Reshape, ...: quantizing what
+        they give keeps the Q next to them, rather than leaving onnxruntime's QDQ
+        propagation to move the DQ through them, which fails at opset 21)."""
+        while v is not None:
+            if id(v) in self.done:
+                return True
+            p = v.producer
+            if p is None:
+                return False
+            if p.op_type == "DequantizeLinear":
+                return True
+            if p.op_type not in _MOVEMENT | {"Squeeze", "Unsqueeze"} or not p.inputs:
+                return False
+            v = p.inputs[0]
+        return False
 
     def activation(self, v: Optional[Value]) -> Optional[float]:
         """Put a Q->DQ pair on `v`; returns its scale (None when it has no range)."""
