@@ -143,6 +143,39 @@ def test_precision_fallback_keeps_sensitive_layers_at_int8():
     assert accuracy(model) > accuracy(quantized("weights=int2"))
 
 
+def test_output_error_budget_raises_exactly_the_layers_under_it():
+    """int3 weights alone leave the output at 16.7 (/0/Conv), 19.0 (/3/Conv) and 19.4 dB
+    (/8/Gemm) on the calibration data: an 18 dB budget raises /0/Conv to int8 only, with
+    the measured figure in the reason, and the result is better than plain int3."""
+    from qcompile.passes.quantize.error_analysis import analyze_quantization_error
+
+    plain = quantized("weights=int3")
+    alone = {l.name: l.output_sqnr_db for l in analyze_quantization_error(
+        plain.annotations["float_model"], plain, CALIB, max_samples=64).layers}
+    budget = 18.0
+    under = sorted(n for n, v in alone.items() if v < budget)
+    assert under and len(under) < len(alone), alone          # the budget splits the layers
+    model = quantized(f"weights=int3,min_layer_sqnr={budget}")
+    decisions = [d for d in model.annotations["quantization_decisions"] if "quantized alone" in d["reason"]]
+    assert sorted(d["node"] for d in decisions) == under
+    assert all(f"< {budget:g} dB: kept at int8" in d["reason"] and d["kept_at"] == "int8" for d in decisions)
+    bits = json.loads(model.metadata_props["qcompile.weight_bits"])
+    assert sorted(bits.values()) == sorted(["i8"] * len(under) + ["i3"] * (len(alone) - len(under)))
+    final = {l.name: l.output_sqnr_db for l in model.annotations["error_budget_report"].layers}
+    assert all(v >= budget for v in final.values()), final
+    assert accuracy(model) >= accuracy(plain)
+
+
+def test_output_error_budget_needs_calibration_samples():
+    model = qcompile.load(MODEL)
+    model.annotations["calibration"] = quantized().annotations["calibration"]      # statistics, no samples
+    model.annotations.pop("calibration_data", None)
+    stats = model.annotations["calibration"]
+    stats.settings["data"] = "<gone>"
+    with pytest.raises(PassFailedError, match="min_layer_sqnr measures each layer's output error"):
+        qcompile.PassManager.parse("quantize{min_layer_sqnr=20}").run(model)
+
+
 def test_inspect_shows_quantization_parameters_and_true_bit_widths(tmp_path):
     from qcompile.analysis import format_summary, summarize
 

@@ -40,10 +40,14 @@ Per layer:
   5. `overrides=PATTERN:TYPE;...` gives layers another weight type, or `float`; PATTERN
      is an op type or a regular expression searched in node names; later entries win.
      `config=FILE` (.json or .toml) holds the same options, overrides as a table.
-  6. `min_weight_sqnr=DB` is the error budget of the automatic precision fallback: a
-     layer whose weights, at the chosen type, have an SQNR under DB decibels is kept at
-     int8 (or in float when int8 falls short too). Each decision, with its reason, is
-     listed in model.annotations["quantization_decisions"] and logged.
+  6. Automatic precision fallback, two error budgets. `min_weight_sqnr=DB`: a layer
+     whose weights, at the chosen type, have an SQNR under DB decibels is kept at int8
+     (or in float when int8 falls short too). `min_layer_sqnr=DB`: after quantizing, each
+     layer quantized alone is measured (error_analysis: the model output's SQNR against
+     float on the calibration samples); a layer under DB is raised one step (to int8,
+     from int8 to float) and the model is quantized again from float, up to three
+     rounds. Each decision, with its reason, is listed in
+     model.annotations["quantization_decisions"], logged, and printed by the CLI.
 Left alone: tensors that held non-finite values during calibration (attention masks
 filled with -inf: no integer grid holds them), nodes matched by `exclude` (a regular expression over node names and op
 types), ops whose weight is not constant, tensors without a calibration range (integer
@@ -65,11 +69,11 @@ import numpy as np
 
 from qcompile.errors import QCompileError
 from qcompile.ir import INT8, INT16, UINT8, DataType, Graph, Model, Node, QuantParams, TensorType, Value, int_type
-from qcompile.onnx_io import to_proto, upgrade_opset
+from qcompile.onnx_io import from_proto, to_proto, upgrade_opset
 from qcompile.passmanager import Pass, PassResult, option, register_pass
 
 from .activations import ACTIVATION_TYPES, ActivationPlan, activation_params
-from .range_search import search_activation_ranges
+from .range_search import calibration_source, search_activation_ranges
 from .weights import WeightFormat, dequantize, quantize_weight, weight_format
 
 __all__ = ["Quantize"]
@@ -109,6 +113,9 @@ class Quantize(Pass):
     activation_overrides: list = option([], "per-tensor activation types, PATTERN:TYPE;...: PATTERN is an op type or "
                                             "a regular expression over the producing node's name or the tensor's "
                                             "name, TYPE int4, int8 or int16")
+    min_layer_sqnr: float = option(0.0, "precision fallback by output error: a layer that, quantized alone, "
+                                   "leaves the model output under this SQNR (dB) against float on the calibration "
+                                   "data is kept at int8, or in float if it is int8 already (0: off)")
     min_activation_sqnr: float = option(0.0, "sensitive tensors: an activation whose SQNR, estimated from its "
                                              "calibration histogram, falls below this many dB gets a wider type "
                                              "(int4 -> int8 -> int16)")
@@ -131,6 +138,51 @@ class Quantize(Pass):
     def run(self, model: Model) -> PassResult:
         if self.config:
             self._apply_config(self.config)
+        if self.min_layer_sqnr > 0:
+            return self._run_with_output_budget(model)
+        return self._quantize(model)
+
+    def _run_with_output_budget(self, model: Model) -> PassResult:
+        """Quantize, measure each layer's output error alone (error_analysis), raise the
+        layers under `min_layer_sqnr` one step (to int8, then to float) and quantize again
+        from the float model, until every layer meets the budget (three rounds at most)."""
+        from .error_analysis import analyze_quantization_error
+
+        source = calibration_source(model)
+        if source is None:
+            raise QCompileError("quantize option min_layer_sqnr measures each layer's output error on the "
+                                "calibration samples: run calibrate with data (e.g. --calib data.npz)")
+        float_proto = to_proto(model)
+        annotations = dict(model.annotations)
+        options = {k: getattr(self, k) for k in self._options if k not in ("config", "min_layer_sqnr")}
+        raised: List[str] = []
+        decisions: List[dict] = []
+        for round_ in range(3):
+            inner = type(self)(**{**options, "overrides": list(self.overrides) + raised})
+            fresh = from_proto(float_proto)
+            fresh.annotations.update(annotations)
+            result = inner._quantize(fresh)
+            if round_ == 0:
+                self.stats.update(inner.stats)
+            report = analyze_quantization_error(result.model.annotations["float_model"], result.model, source,
+                                                max_samples=self.search_samples or 64, per_layer=True)
+            low = [l for l in report.layers if l.output_sqnr_db < self.min_layer_sqnr and l.weight_type != "float"]
+            if not low or round_ == 2:
+                break
+            for l in low:
+                to = "float" if l.weight_type in ("i8", "int8") else "int8"
+                raised.append(f"^{re.escape(l.name)}$:{to}")
+                why = (f"quantized alone at {l.weight_type} it leaves the output at {l.output_sqnr_db:.1f} dB SQNR "
+                       f"< {self.min_layer_sqnr:g} dB: kept at {to}")
+                decisions.append({"node": l.name, "op": l.op_type, "reason": why, "kept_at": to})
+                log.info("quantize: %s %s", l.name, why)
+        self.stats["layers kept at higher precision (output budget)"] += len({d["node"] for d in decisions})
+        out = result.model
+        out.annotations["quantization_decisions"] = decisions + list(out.annotations.get("quantization_decisions", []))
+        out.annotations["error_budget_report"] = report
+        return PassResult(out, modified=result.modified)
+
+    def _quantize(self, model: Model) -> PassResult:
         plan = _LayerPlan(self)
         acts = ActivationPlan(self.activations, self.activation_overrides, model.annotations["calibration"],
                               self.min_activation_sqnr)
