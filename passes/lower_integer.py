@@ -23,7 +23,7 @@ QuantizeLinear that is the only reader of the op's output, or of a Relu/Clip tha
      differs from the output's, then Concat.
   8. DQ -> Relu|Clip -> Q                           =>  Requantize with narrowed bounds.
   8b. DQ -> ReduceMean|ReduceSum|ReduceMax [-> Relu|Clip] -> Q  =>  [Transpose, the reduced
-     axes last], Reshape to [1, outer, 1, inner], a global QAveragePool (r = s_x / (s_y *
+     axes last], Reshape to [1 or the kept first axis, outer, 1, inner], a global QAveragePool (r = s_x / (s_y *
      count), count = inner for the mean, 1 for the sum) or a [1, inner] MaxPool
      [+ Requantize], Reshape to the output's shape.
   9. What is left of the QDQ convention becomes the interface: each remaining
@@ -293,6 +293,9 @@ class LowerInteger(Pass):
         inner = int(np.prod([shape[a] for a in axes]))
         lead = shape[0] if batch else 1
         out = _out(g, node)
+        # the rescale factors first: a _Skip after nodes were inserted would leave them behind
+        m, s = _multiplier(x.scale / (out.scale * (inner if node.op_type == "ReduceMean" else 1)))
+        _multiplier(x.scale / out.scale)
         params = QuantParams(np.float32(x.scale), np.int64(x.zp))
         extra: List[Node] = []
 
@@ -318,7 +321,6 @@ class LowerInteger(Pass):
                 extra.append(r)
                 v = r.output
         else:
-            m, s = _multiplier(x.scale / (out.scale * (inner if node.op_type == "ReduceMean" else 1)))
             attrs = {"global": 1, "multiplier": int(m), "shift": int(s), "x_zero_point": x.zp,
                      "out_zero_point": out.zp, "out_min": out.lo, "out_max": out.hi}
             v = add(Node(QAVERAGEPOOL, [v], attrs, domain=DOMAIN, name=node.name), [lead, outer, 1, 1],

@@ -73,6 +73,11 @@ def test_batched_host_ops_match_the_reference_sample_by_sample():
     prog = Program.from_bytes(compile_program(model, target).to_bytes())
     assert {h.op_type for h in prog.host_ops} >= {"Softmax", "LayerNormalization", "Concat", "Transpose", "Mul",
                                                   "ReduceSum"}
+    import onnx
+
+    batched = {h.op_type: _batchable(onnx.load_from_string(h.model)) for h in prog.host_ops}
+    assert batched["Softmax"] and batched["LayerNormalization"] and batched["Transpose"] and batched["Mul"]
+    assert not batched["ReduceSum"]
     x = rng.standard_normal((7, 1, 4, 6)).astype(np.float32)
     got = simulate(prog, target, {"x": x}, timing=False).outputs["y"]
     want = np.stack([run_integer_graph(model, {"x": x[i]})["y"] for i in range(7)])

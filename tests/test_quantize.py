@@ -291,6 +291,17 @@ def test_data_movement_of_float_tensors_is_not_quantized():
     t = next(n for n in q.graph.nodes if n.op_type == "Transpose")
     assert t.inputs[0].producer.op_type == "DequantizeLinear"
     assert [u[0].op_type for u in t.outputs[0].uses] == ["QuantizeLinear"]
+    # a graph input moved into a Gemm is quantized with the move (it stays integer data movement)
+    wg = numpy_helper.from_array(rng.normal(size=(4, 12)).astype(np.float32), "wg")
+    g = helper.make_graph([helper.make_node("Flatten", ["x"], ["f"]),
+                           helper.make_node("Gemm", ["f", "wg"], ["y"], transB=1)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [wg])
+    m = qcompile.onnx_io.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    m.annotations["calibration_data"] = [{"x": rng.normal(size=(1, 3, 2, 2)).astype(np.float32)} for _ in range(16)]
+    q = qcompile.PassManager.parse("calibrate{progress=false},quantize").run(m).model
+    f = next(n for n in q.graph.nodes if n.op_type == "Flatten")
+    assert f.inputs[0].producer.op_type == "DequantizeLinear"
 
 
 def test_w4a8_transformer_loads_in_onnxruntime_with_its_optimisations():

@@ -2,8 +2,9 @@
 """Fused kernels of the functional simulator: requantization and depthwise convolution
 in one pass over memory each, where numpy needs five or more (a float64 temporary per
 step). Both compute exactly what the integer reference defines (qcompile.quant_math):
-int64 arithmetic, one rounding, saturation; built with -fwrapv, as every extension here,
-so an int64 product that overflows wraps as numpy's does.
+int64 arithmetic, one rounding, saturation; built with -fwrapv (setup.py), so an int64
+product that overflows wraps as numpy's does. The loops run without bounds checks, so
+every shape they rely on is checked first.
 """
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t
 from libc.string cimport memcpy
@@ -50,8 +51,13 @@ def requantize(const src_t[:, :, :] src, dst_t[:, :, :] dst, const int64_t[:, :]
     cdef Py_ssize_t blk = DEF_BLOCK
     if dst.shape[0] != S or dst.shape[1] != R or dst.shape[2] != C:
         raise ValueError("requantize: source and destination shapes differ")
-    if mult.shape[1] != (1 if per == 0 else (C if per == 1 else R)) or shift.shape[1] != mult.shape[1]:
+    if mult.shape[1] != (1 if per == 0 else (C if per == 1 else R)) or shift.shape[1] != mult.shape[1] \
+            or mult.shape[0] not in (1, S) or shift.shape[0] != mult.shape[0]:
         raise ValueError("requantize: multiplier count does not match per")
+    for a in range(shift.shape[0]):
+        for i in range(shift.shape[1]):
+            if not 0 <= shift[a, i] < 63:
+                raise ValueError("requantize: shift outside [0, 63)")
     with nogil:
         for a in range(S):
             pa = a if mult.shape[0] > 1 else 0
@@ -87,12 +93,15 @@ def depthwise(const pix_t[:, :, :, :] src, const int8_t[:, :, :, :] wgt, int32_t
     cdef Py_ssize_t N = acc.shape[0], C = acc.shape[1], OH = acc.shape[2], OW = acc.shape[3]
     cdef Py_ssize_t KH = wgt.shape[2], KW = wgt.shape[3]
     cdef Py_ssize_t n, c, y, x, i, j, wn
-    cdef Py_ssize_t xs = src.strides[3] // sizeof(pix_t) * sw, rs = src.strides[2], ys = acc.strides[3] // 4
+    cdef Py_ssize_t xs = src.strides[3] // sizeof(pix_t) * sw, ys = acc.strides[3] // 4
     cdef int32_t w
     cdef const pix_t* sp
     cdef int32_t* ap
     if (src.strides[3] % sizeof(pix_t)) or (acc.strides[3] % 4):
         raise ValueError("depthwise: misaligned strides")
+    if src.shape[0] != N or src.shape[1] != C or wgt.shape[1] != C or wgt.shape[0] not in (1, N) or \
+            (OH - 1) * sh + (KH - 1) * dh >= src.shape[2] or (OW - 1) * sw + (KW - 1) * dw >= src.shape[3]:
+        raise ValueError("depthwise: windows, planes or weights do not match")
     with nogil:
         for n in range(N):
             wn = n if wgt.shape[0] > 1 else 0
@@ -122,7 +131,7 @@ def gather_rows(const uint8_t[:, :, :, :, :, :] a, uint8_t[:, ::1] out):
     cdef Py_ssize_t K2 = a.shape[5]
     cdef Py_ssize_t s, i, j, p, q, row = 0
     cdef uint8_t* d
-    if a.strides[5] != 1 or out.shape[0] != S * M0 * M1 or out.shape[1] != K0 * K1 * K2:
+    if (a.strides[5] != 1 and K2 > 1) or out.shape[0] != S * M0 * M1 or out.shape[1] != K0 * K1 * K2:
         raise ValueError("gather_rows: operand and output do not match")
     with nogil:
         for s in range(S):

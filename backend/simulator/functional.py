@@ -234,7 +234,8 @@ class Machine:
         fits = info.min <= lo and hi <= info.max        # else the int32 result wraps in the cast
         if not _float_exact(bound, m, s, zp, lo, hi):
             per = _per(m, s, x)
-            if per is not None and x.dtype in _KERNEL_TYPES and dst.dtype in _KERNEL_TYPES:
+            if per is not None and x.dtype in _KERNEL_TYPES and dst.dtype in _KERNEL_TYPES and \
+                    0 <= s.min(initial=0) and s.max(initial=0) < 63:
                 flat = (lambda a: a.reshape(-1, 1)) if per == 0 else (lambda a: a.reshape(a.shape[0], -1))
                 _kernels.requantize(x, dst, flat(m), flat(s), per, x_zp, zp, lo, hi)   # the integer rule, one pass
             else:
@@ -331,7 +332,7 @@ def _per(m: np.ndarray, s: np.ndarray, x: np.ndarray) -> Optional[int]:
     """How multipliers and shifts of the same shape vary over (S, rows, cols) values x, as
     `_kernels.requantize` takes them (0: one per sample or in all, 1: per column, 2: per
     row); None when the kernel cannot take them."""
-    if x.ndim != 3 or m.shape != s.shape:
+    if x.ndim != 3 or m.shape != s.shape or m.ndim not in (0, 3):
         return None
     if m.ndim == 0 or m[0].size == 1:
         return 0

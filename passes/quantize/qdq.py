@@ -34,8 +34,11 @@ What it rewrites, for every Conv, Gemm and MatMul whose weight is a constant:
      re-chosen among the calibration rules by the output error it causes on N
      calibration samples (range_search.py).
   4c. Inputs and outputs of the data-movement and elementwise ops between them (Add, Mul,
-     Concat, pooling, Flatten, Reshape, Transpose, Relu) get Q->DQ pairs too, so the
-     integer graph needs no float tensors between quantized ops.
+     Concat, pooling, reductions, Flatten, Reshape, Transpose, Slice, Relu) get Q->DQ
+     pairs too, so the integer graph needs no float tensors between quantized ops; pure
+     data movement (Flatten, Reshape, Transpose, Slice) only when its input is already
+     quantized or it leads to an op that is, so float tensors moved between float ops
+     (an LSTM's transposes) stay float, as onnxruntime leaves them.
 Per layer:
   5. `overrides=PATTERN:TYPE;...` gives layers another weight type, or `float`; PATTERN
      is an op type or a regular expression searched in node names; later entries win.
@@ -162,12 +165,15 @@ class Quantize(Pass):
             fresh = from_proto(float_proto)
             fresh.annotations.update(annotations)
             result = inner._quantize(fresh)
-            if round_ == 0:
-                self.stats.update(inner.stats)
+            final_stats = inner.stats
             report = analyze_quantization_error(result.model.annotations["float_model"], result.model, source,
                                                 max_samples=self.search_samples or 64, per_layer=True)
-            low = [l for l in report.layers if l.output_sqnr_db < self.min_layer_sqnr and l.weight_type != "float"]
-            if not low or round_ == 2:
+            low = [l for l in report.layers if l.output_sqnr_db < self.min_layer_sqnr and l.name]
+            if not low:
+                break
+            if round_ == 2:
+                log.warning("quantize: after three rounds %s still under min_layer_sqnr=%g dB",
+                            ", ".join(l.name for l in low), self.min_layer_sqnr)
                 break
             for l in low:
                 to = "float" if l.weight_type in ("i8", "int8") else "int8"
@@ -176,6 +182,7 @@ class Quantize(Pass):
                        f"< {self.min_layer_sqnr:g} dB: kept at {to}")
                 decisions.append({"node": l.name, "op": l.op_type, "reason": why, "kept_at": to})
                 log.info("quantize: %s %s", l.name, why)
+        self.stats.update(final_stats)
         self.stats["layers kept at higher precision (output budget)"] += len({d["node"] for d in decisions})
         out = result.model
         out.annotations["quantization_decisions"] = decisions + list(out.annotations.get("quantization_decisions", []))
@@ -210,7 +217,8 @@ class Quantize(Pass):
                     bits[name] = str(fmt.dtype)
                     self.stats[f"{node.op_type} quantized"] += 1
             elif node.op_type == "MatMul" or node.op_type in _FLOW:  # MatMul: two activations
-                if node.op_type in _MOVEMENT and not q.is_quantized(node.inputs[0]):
+                if node.op_type in _MOVEMENT and not q.is_quantized(node.inputs[0]) and \
+                        not _feeds_quantized(node.outputs[0]):
                     self.stats["data movement of float tensors left in float"] += 1
                     continue
                 for v in node.inputs:
@@ -384,6 +392,24 @@ def _weight_sqnr(w: np.ndarray, fmt: WeightFormat, axis: int) -> float:
 def _weight(node: Node) -> Optional[Value]:
     w = node.inputs[1] if len(node.inputs) > 1 else None
     return w if w is not None and w.is_initializer else None
+
+
+def _feeds_quantized(v: Value) -> bool:
+    """Whether `v`, through more shape ops, reaches an op that quantize turns into an
+    integer op (a Conv/Gemm/MatMul or a non-movement op of _FLOW): a graph input moved
+    into a Conv is quantized with the move, one moved into an LSTM is not."""
+    stack, seen = [v], set()
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        for user, _ in x.uses:
+            if user.op_type in _WEIGHTED or user.op_type == "MatMul" or user.op_type in _FLOW - _MOVEMENT:
+                return True
+            if user.op_type in _MOVEMENT | {"Squeeze", "Unsqueeze"} and user.outputs:
+                stack.append(user.outputs[0])
+    return False
 
 
 def _fused_output(node: Node) -> Value:

@@ -12,7 +12,7 @@ Rewrites:
   2. `Sum(x1, ..., xn)`, n > 2 -> `Add(...Add(Add(x1, x2), x3)..., xn)`.
 
 Left alone:
-  3. `Sum(x)` of one input (a copy; the identity rules' business).
+  3. `Sum(x)` of one input (a copy, left as it is).
   4. Opsets before 8 (Sum without broadcasting, Add with its `broadcast` attribute).
   5. Sum of a domain other than ONNX's.
 """
