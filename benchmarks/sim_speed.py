@@ -229,7 +229,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "rain-sim: `simulate(program, rain-sim, feeds, timing=False)`, all samples of a batch at once. "
         "onnxruntime: the exported QDQ model, 1 intra-op thread, sequential execution. "
         f"CPU time of the process, best of up to {args.repeat} runs after a warm-up. "
-        "Ratio = rain-sim / onnxruntime (goal: at most 2 at batch 64). \"(xB)\": the model has a fixed batch of 1, so onnxruntime runs it B times.",
+        "Ratio = rain-sim / onnxruntime (goal: at most 2 at batch 64). \"(xB)\": the model has a fixed batch of 1, "
+        "so onnxruntime runs it B times.",
         "",
         header, "|---|---|---|---|---|---|", *rows, "",
         *notes, "",
