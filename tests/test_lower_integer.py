@@ -315,6 +315,20 @@ def test_digits_integer_graph_matches_qdq_model(digits):
 
 
 # -- whole torch models -----------------------------------------------------------
+def _expose_last_dequantized(proto):
+    """The DequantizeLinear of the last dequantized tensor (the output itself, or what a
+    float op on the host such as a Softmax reads), its output made a graph output too:
+    whole models are compared on it in LSBs of its scale."""
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    dq = producers[proto.graph.output[0].name]
+    while dq.op_type != "DequantizeLinear":
+        dq = producers[dq.input[0]]
+    if dq.output[0] != proto.graph.output[0].name:
+        proto.graph.output.append(helper.make_tensor_value_info(dq.output[0], TensorProto.FLOAT, None))
+    return dq
+
+
+
 def _torch_case(name, tmp_path):
     torch = pytest.importorskip("torch")
     from torch_models import BUILDERS  # tests/ is on sys.path (rootdir-relative imports, as test_torch_import)
@@ -337,14 +351,7 @@ def _torch_case(name, tmp_path):
     qdq = qcompile.PassManager.parse(
         f"fold,calibrate{{data={tmp_path / 'calib.npz'},progress=false}},quantize").run(model).model
     proto = to_proto(qdq)
-    # the last dequantized tensor (the output itself, or what a float op on the host such as
-    # the transformer's Softmax reads) becomes an output too: its LSB is its scale
-    producers = {o: n for n in proto.graph.node for o in n.output}
-    dq = producers[proto.graph.output[0].name]
-    while dq.op_type != "DequantizeLinear":
-        dq = producers[dq.input[0]]
-    if dq.output[0] != proto.graph.output[0].name:
-        proto.graph.output.append(helper.make_tensor_value_info(dq.output[0], TensorProto.FLOAT, None))
+    dq = _expose_last_dequantized(proto)
     lowered = qcompile.PassManager.parse("lower-integer").run(from_proto(proto)).model
     ort_out = _ort(proto, evals)
     int_out = run_integer_graph(lowered, evals)
@@ -492,11 +499,7 @@ def test_light_models_integer_graph_within_one_lsb_of_qdq(name):
     model.annotations["calibration_data"] = [{inp.name: rng.standard_normal(shape).astype(np.float32)}
                                              for _ in range(4)]
     qdq = to_proto(qcompile.PassManager.parse("fold,calibrate{progress=false},quantize").run(model).model)
-    producers = {o: n for n in qdq.graph.node for o in n.output}
-    dq = producers[qdq.graph.output[0].name]
-    while dq.op_type != "DequantizeLinear":        # Softmax on the host reads the last dequantized tensor
-        dq = producers[dq.input[0]]
-    qdq.graph.output.append(helper.make_tensor_value_info(dq.output[0], TensorProto.FLOAT, None))
+    dq = _expose_last_dequantized(qdq)
     scale = float(numpy_helper.to_array(next(i for i in qdq.graph.initializer if i.name == dq.input[1])))
     lowered = _lower(qdq)
     if name == "shufflenet":

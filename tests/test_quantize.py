@@ -259,13 +259,25 @@ def test_activation_range_search():
     assert quantized("search_seconds=0").annotations["activation_ranges"] == {}
 
 
+def _quantize_graph(nodes, shape, inits, rng):
+    """calibrate (16 random samples of input x) and quantize a one-input float graph."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(a, n) for n, a in inits.items()])
+    m = qcompile.onnx_io.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    m.annotations["calibration_data"] = [{"x": rng.normal(size=shape).astype(np.float32)} for _ in range(16)]
+    return qcompile.PassManager.parse("calibrate{progress=false},quantize").run(m).model
+
+
 def test_data_movement_of_float_tensors_is_not_quantized():
     """An LSTM reads and writes float: the Transposes around it and the Squeeze/Gather
     after it get no Q/DQ pair; only the Linear head's input and output are quantized
     (as onnxruntime's quantizer does), and a Transpose of a quantized tensor still is."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
     from torch_models import lstm
 
     module, example = lstm()
@@ -278,28 +290,17 @@ def test_data_movement_of_float_tensors_is_not_quantized():
     assert len(quantized) == 2 and "input" not in quantized, quantized
     assert not any(n.op_type == "DequantizeLinear" and any(u[0].op_type in ("LSTM", "Transpose")
                                                              for u in n.outputs[0].uses) for n in q.graph.nodes)
-    del torch
     # a Transpose after a quantized Conv is quantized with it
-    w = numpy_helper.from_array(rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "w")
-    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"]),
-                           helper.make_node("Transpose", ["c"], ["y"], perm=[0, 2, 3, 1])], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
-    m = qcompile.onnx_io.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
-    m.annotations["calibration_data"] = [{"x": rng.normal(size=(1, 3, 4, 4)).astype(np.float32)} for _ in range(16)]
-    q = qcompile.PassManager.parse("calibrate{progress=false},quantize").run(m).model
+    q = _quantize_graph([helper.make_node("Conv", ["x", "w"], ["c"]),
+                         helper.make_node("Transpose", ["c"], ["y"], perm=[0, 2, 3, 1])], [1, 3, 4, 4],
+                        {"w": rng.normal(size=(4, 3, 1, 1)).astype(np.float32)}, rng)
     t = next(n for n in q.graph.nodes if n.op_type == "Transpose")
     assert t.inputs[0].producer.op_type == "DequantizeLinear"
     assert [u[0].op_type for u in t.outputs[0].uses] == ["QuantizeLinear"]
     # a graph input moved into a Gemm is quantized with the move (it stays integer data movement)
-    wg = numpy_helper.from_array(rng.normal(size=(4, 12)).astype(np.float32), "wg")
-    g = helper.make_graph([helper.make_node("Flatten", ["x"], ["f"]),
-                           helper.make_node("Gemm", ["f", "wg"], ["y"], transB=1)], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 2])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [wg])
-    m = qcompile.onnx_io.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
-    m.annotations["calibration_data"] = [{"x": rng.normal(size=(1, 3, 2, 2)).astype(np.float32)} for _ in range(16)]
-    q = qcompile.PassManager.parse("calibrate{progress=false},quantize").run(m).model
+    q = _quantize_graph([helper.make_node("Flatten", ["x"], ["f"]),
+                         helper.make_node("Gemm", ["f", "wg"], ["y"], transB=1)], [1, 3, 2, 2],
+                        {"wg": rng.normal(size=(4, 12)).astype(np.float32)}, rng)
     f = next(n for n in q.graph.nodes if n.op_type == "Flatten")
     assert f.inputs[0].producer.op_type == "DequantizeLinear"
 

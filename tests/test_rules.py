@@ -430,7 +430,7 @@ def test_sum_becomes_a_chain_of_adds_with_the_same_outputs():
 
     two = build([helper.make_node("Sum", ["a", "b"], ["s"], name="join"), helper.make_node("Relu", ["s"], ["y"])],
                 {"a": [2, 3, 4], "b": [3, 1]}, {"y": [2, 3, 4]})
-    model, report = rewrite(two, SUM_ADD)
+    model, _ = rewrite(two, SUM_ADD)
     assert ops(model.graph) == ["Add", "Relu"] and model.graph.nodes[0].name == "join"
     check_numbers(two, model)
     three = build([helper.make_node("Sum", ["a", "b", "c"], ["y"])], {"a": [2, 3], "b": [2, 3], "c": [3]},
