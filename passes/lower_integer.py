@@ -293,9 +293,11 @@ class LowerInteger(Pass):
         inner = int(np.prod([shape[a] for a in axes]))
         lead = shape[0] if batch else 1
         out = _out(g, node)
-        # the rescale factors first: a _Skip after nodes were inserted would leave them behind
-        m, s = _multiplier(x.scale / (out.scale * (inner if node.op_type == "ReduceMean" else 1)))
-        _multiplier(x.scale / out.scale)
+        # the rescale factor first: a _Skip after nodes were inserted would leave them behind
+        if node.op_type == "ReduceMax":
+            _multiplier(x.scale / out.scale)             # the Requantize after the MaxPool
+        else:
+            m, s = _multiplier(x.scale / (out.scale * (inner if node.op_type == "ReduceMean" else 1)))
         params = QuantParams(np.float32(x.scale), np.int64(x.zp))
         extra: List[Node] = []
 
