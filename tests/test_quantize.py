@@ -259,6 +259,46 @@ def test_activation_range_search():
     assert quantized("search_seconds=0").annotations["activation_ranges"] == {}
 
 
+def test_range_search_accepts_only_cuts_above_the_noise():
+    """A candidate range is kept for a cut of the output error of at least 1% that is 3
+    standard errors above zero over the samples; a cut carried by a few samples, or by
+    one half of them, is noise and is rejected even when both halves of the batches
+    gain 1% (the earlier rule, which let a GRU head's ranges through on calibration
+    cuts that lost on new data)."""
+    from qcompile.passes.quantize.range_search import _accept, _sample_errors
+
+    rng = np.random.default_rng(0)
+    best = rng.uniform(1.0, 2.0, 64)
+    assert _accept(best, best * 0.97)  # 3% on every sample
+    assert not _accept(best, best * 0.995)  # consistent, but under 1%
+    assert not _accept(best, best * 1.02)
+    # 2% worse on 60 samples, a large cut on 4 (two in the even and two in the odd
+    # batches of 16): over 5% on both halves, but a few samples' luck
+    lucky = [3, 20, 40, 60]
+    best[lucky] = 2.0
+    err = best * 1.02
+    err[lucky] = 0.2
+    halves = np.arange(64) // 16 % 2
+    assert all(err[halves == h].sum() < best[halves == h].sum() * 0.95 for h in (0, 1))
+    assert not _accept(best, err)
+    # a 3% mean cut under per-sample noise ten times larger is not significant; the same
+    # cut with a tenth of the noise is
+    noise = rng.normal(0.0, 1.0, 64)
+    assert not _accept(best, best * (0.97 + 0.3 * noise))
+    assert _accept(best, best * (0.97 + 0.03 * noise))
+    # a cut that helps one half of the samples and hurts the other is rejected
+    half = np.where(np.arange(64) < 32, 0.90, 1.07)
+    assert (best * half).sum() < best.sum() * 0.99 and not _accept(best, best * half)
+    # one sample (or one batch): the 1% margin alone
+    assert _accept(np.array([1.0]), np.array([0.98])) and not _accept(np.array([1.0]), np.array([0.995]))
+    # per-sample errors add up over the float outputs; an output without the batch axis
+    # makes the batch one sample
+    ref = [rng.normal(size=(3, 4)).astype(np.float32), np.arange(3, dtype=np.int64)]
+    got = [ref[0] + 0.5, ref[1] + 1]
+    assert np.allclose(_sample_errors(ref, got, 3), [1.0, 1.0, 1.0])
+    assert np.allclose(_sample_errors([ref[0][0]], [got[0][0]], 3), [1.0])
+
+
 def _quantize_graph(nodes, shape, inits, rng):
     """calibrate (16 random samples of input x) and quantize a one-input float graph."""
     from onnx import TensorProto, helper, numpy_helper
