@@ -219,13 +219,23 @@ def _output_sqnr(model):
     return 10 * np.log10(np.square(ref).sum() / np.square(out - ref).sum())
 
 
+def _float_agreement(model):
+    x = np.load(EVAL)["input"].reshape(-1, 1, 8, 8)
+    ref = ort.InferenceSession(MODEL, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    out = ort.InferenceSession(to_proto(model).SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    return float((ref.argmax(1) == out.argmax(1)).mean())
+
+
 def test_int16_activations_for_sensitive_tensors():
     int8 = quantized()
     wide = quantized("activations=int16")
     ops = {(n.domain, n.op_type) for n in wide.graph.nodes}
     assert ("com.microsoft", "QuantizeLinear") in ops and ("", "QuantizeLinear") not in ops
     assert _output_sqnr(wide) > _output_sqnr(int8) + 3  # weights stay int8, so not +48 dB
-    assert accuracy(wide) >= accuracy(int8)
+    # top-1 as close to the float model's (not to the labels: on a CPU without VNNI the
+    # int8 model's saturated sums flip a few decisions, and by luck 99.0% > float 98.3%)
+    assert _float_agreement(wide) >= _float_agreement(int8)
     # the budget picks tensors by their estimated int8 SQNR
     none = quantized("min_activation_sqnr=1")
     assert not any(n.domain == "com.microsoft" for n in none.graph.nodes)
