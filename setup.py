@@ -31,6 +31,7 @@ EXTENSIONS = [
     Extension("qcompile.backend.lowering._deps", ["backend/lowering/_deps.pyx"]),
     Extension("qcompile.backend.lowering._tiling", ["backend/lowering/_tiling.pyx"]),
     Extension("qcompile.backend.simulator._kernels", ["backend/simulator/_kernels.pyx"],
+              depends=["backend/simulator/_requant.h"],
               extra_compile_args=["-O3", "-fwrapv"]),
 ]
 

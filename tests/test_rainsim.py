@@ -283,6 +283,21 @@ def test_digits_example_bit_exact_on_every_target(target):
     assert all(l["unit"] != "host" for l in prog.layers)
 
 
+@pytest.mark.parametrize("engine", ["float32", "int_mm"])
+def test_both_gemm_engines_bit_exact_on_the_example(monkeypatch, engine):
+    """The simulator's two exact GEMM engines (simulator/gemm.py) give the integer
+    reference's outputs; the tiny target splits every layer into many MATMULs."""
+    if engine == "int_mm":
+        pytest.importorskip("torch")
+    monkeypatch.setenv("QCOMPILE_GEMM", engine)
+    model = load(os.path.join(EXAMPLES, "digits_cnn.onnx"))
+    calib = np.load(os.path.join(EXAMPLES, "digits_calib.npz"))["input"]
+    model.annotations["calibration_data"] = [{"input": x} for x in calib[:32]]
+    int_model = qcompile.PassManager.parse("fold,calibrate{progress=false},quantize,lower-integer").run(model).model
+    prog, _ = _check(int_model, {"input": np.load(os.path.join(EXAMPLES, "digits_eval.npz"))["input"][:8]}, "tiny")
+    assert sum(i.op == Op.MATMUL for i in prog.instructions) > 10
+
+
 def test_a_layer_no_tiling_fits_runs_on_the_host(monkeypatch):
     """A model too large for the target's buffers is never refused: a matrix layer with
     no tiling that fits (forced here: no candidate tilings at all) becomes a HOST op run

@@ -92,3 +92,99 @@ def test_gather_rows_is_the_explicit_im2col(data):
     out = np.empty((dims[0] * dims[1] * dims[2], dims[3] * dims[4] * k2), np.uint8)
     _kernels.gather_rows(a, out)
     assert np.array_equal(out, a.reshape(out.shape))
+
+
+FLOAT_SRC = [np.int8, np.uint8, np.int16, np.int32, np.float64]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_requantize_float_kernel_is_the_rounding_rule(data):
+    """The float64 kernel (vectorised runs included: long rows, both store orders, int8
+    and uint8 destinations) equals the integer rule wherever `_float_exact` allows it."""
+    from qcompile.backend.simulator.functional import _float_exact
+
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
+    s_dt = data.draw(st.sampled_from(FLOAT_SRC))
+    d_dt = data.draw(st.sampled_from(DST))
+    n, rows, cols = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 150)), data.draw(st.integers(1, 40))
+    per = data.draw(st.sampled_from([0, 1, 2]))
+    sp = n if data.draw(st.booleans()) else 1
+    if s_dt == np.float64:
+        x = rng.integers(-2 ** 31, 2 ** 31, (n, rows, cols)).astype(np.float64)   # x m fits int64, as in use
+    else:
+        info = np.iinfo(s_dt)
+        x = rng.integers(info.min, int(info.max) + 1, (n, rows, cols), dtype=np.int64).astype(s_dt)
+    x_zp = int(rng.integers(-128, 128))
+    bound = 2 ** 31 + 128 if s_dt == np.float64 else max(abs(int(np.iinfo(s_dt).min) - x_zp), int(np.iinfo(s_dt).max) - x_zp)
+    count = 1 if per == 0 else (cols if per == 1 else rows)
+    m = rng.integers(1 << 20, 1 << 31, (sp, count), dtype=np.int64)
+    m[rng.random((sp, count)) < 0.2] *= -1
+    s = rng.integers(1, 53, (sp, count), dtype=np.int64)
+    out = np.iinfo(d_dt)
+    wide = data.draw(st.booleans()) and d_dt in (np.int8, np.uint8)          # [lo, hi] beyond the type: wraps
+    top = min(int(out.max), 1000)
+    lo = -300 if wide else int(rng.integers(max(int(out.min), -1000), top + 1))
+    hi = 300 if wide else int(rng.integers(lo, top + 1))
+    zp = int(rng.integers(lo, hi + 1))
+    if not _float_exact(bound, m, s, zp, lo, hi):
+        return
+    shape = (sp, 1, 1) if per == 0 else ((sp, 1, cols) if per == 1 else (sp, rows, 1))
+    want = requantize(x.astype(np.int64) - x_zp, m.reshape(shape), s.reshape(shape), zp, lo, hi)
+    want = want.astype(np.int32).astype(d_dt)
+    dst = np.zeros((n, cols, rows), d_dt).transpose(0, 2, 1) if data.draw(st.booleans()) else \
+        np.zeros((n, rows, cols), d_dt)
+    src = np.repeat(x, 2, axis=2)[:, :, ::2] if data.draw(st.booleans()) else x
+    r = np.ldexp(m.astype(np.float64), (-s).astype(np.int32))
+    _kernels.requantize_float(src, dst, r, per, x_zp, zp + 0.5, lo, hi)
+    assert np.array_equal(dst, want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_im2col_f32_is_the_explicit_im2col_minus_flip(data):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
+    dt = data.draw(st.sampled_from([np.int8, np.uint8]))
+    dims = tuple(data.draw(st.integers(1, 4)) for _ in range(5)) + (data.draw(st.integers(1, 40)),)
+    base = rng.integers(np.iinfo(dt).min, int(np.iinfo(dt).max) + 1, dims[:5] + (2 * dims[5],)).astype(dt)
+    a = base[..., ::2] if data.draw(st.booleans()) else base[..., :dims[5]]       # strided or unit channels
+    flip = 128 if dt == np.uint8 else 0
+    rows, k = int(np.prod(dims[:3])), int(np.prod(dims[3:]))
+    out = np.empty((rows, k), np.float32)
+    sums = np.empty(rows, np.int64)
+    _kernels.im2col_f32(a, out, flip, sums)
+    want = a.reshape(rows, k).astype(np.int64) - flip
+    assert np.array_equal(out, want.astype(np.float32))
+    assert np.array_equal(sums, want.sum(axis=1))
+
+
+@pytest.mark.parametrize("engine", ["float32", "int_mm"])
+@pytest.mark.parametrize("k", [5, 1024, 2500])           # one chunk, exactly one, three (K_CHUNK = 1024)
+def test_gemm_engines_are_exact(monkeypatch, engine, k):
+    """Both GEMM engines accumulate A B exactly, modulo 2^32, with the zero-point terms;
+    float32 across K chunks at the extreme values where a float32 sum could round."""
+    from qcompile.backend.simulator import gemm
+
+    if engine == "int_mm":
+        pytest.importorskip("torch")
+    monkeypatch.setenv("QCOMPILE_GEMM", engine)
+    g = gemm.engine()
+    assert g.name == engine
+    rng = np.random.default_rng(k)
+    a = rng.choice(np.array([-128, 127, -127], np.int8), (3 * 7, k))
+    b = rng.choice(np.array([-128, 127], np.int8), (k, 9))
+    acc = rng.integers(-2 ** 31, 2 ** 31, (3, 7, 9), dtype=np.int64).astype(np.int32)
+    col = rng.integers(-2 ** 31, 2 ** 31, 9, dtype=np.int64).astype(np.int32)
+    row = rng.integers(-2 ** 31, 2 ** 31, 21, dtype=np.int64).astype(np.int32)
+    want = acc.astype(np.int64) + (a.astype(np.int64) @ b.astype(np.int64)).reshape(3, 7, 9) + col + \
+        row.reshape(3, 7, 1)
+    g.accumulate(acc, a.astype(g.operand), g.prepare(b), col, row)
+    assert np.array_equal(acc, want.astype(np.int32))                 # int64 -> int32 wraps as the hardware
+
+
+def test_gemm_engine_choice_is_checked(monkeypatch):
+    from qcompile.backend.simulator import gemm
+
+    monkeypatch.setenv("QCOMPILE_GEMM", "fp16")
+    with pytest.raises(ValueError, match="QCOMPILE_GEMM='fp16': choose one of int_mm, float32"):
+        gemm.engine()

@@ -7,7 +7,26 @@ product that overflows wraps as numpy's does. The loops run without bounds check
 every shape they rely on is checked first.
 """
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
+
+cdef extern from "_requant.h" nogil:
+    void qc_rq_i32_i8(const int32_t* s, int8_t* d, const double* r, Py_ssize_t rs, Py_ssize_t n, double xzp, double c,
+                      double lo, double hi)
+    void qc_rq_i32_u8(const int32_t* s, uint8_t* d, const double* r, Py_ssize_t rs, Py_ssize_t n, double xzp, double c,
+                      double lo, double hi)
+    void qc_rq_f64_i8(const double* s, int8_t* d, const double* r, Py_ssize_t rs, Py_ssize_t n, double xzp, double c,
+                      double lo, double hi)
+    void qc_rq_f64_u8(const double* s, uint8_t* d, const double* r, Py_ssize_t rs, Py_ssize_t n, double xzp, double c,
+                      double lo, double hi)
+    void qc_rq_i8_i8(const int8_t* s, int8_t* d, const double* r, Py_ssize_t rs, Py_ssize_t n, double xzp, double c,
+                     double lo, double hi)
+    void qc_rq_i8_u8(const int8_t* s, uint8_t* d, const double* r, Py_ssize_t rs, Py_ssize_t n, double xzp, double c,
+                     double lo, double hi)
+    void qc_rq_u8_i8(const uint8_t* s, int8_t* d, const double* r, Py_ssize_t rs, Py_ssize_t n, double xzp, double c,
+                     double lo, double hi)
+    void qc_rq_u8_u8(const uint8_t* s, uint8_t* d, const double* r, Py_ssize_t rs, Py_ssize_t n, double xzp, double c,
+                     double lo, double hi)
 
 ctypedef fused src_t:
     int8_t
@@ -20,6 +39,13 @@ ctypedef fused dst_t:
     uint8_t
     int16_t
     int32_t
+
+ctypedef fused fsrc_t:
+    int8_t
+    uint8_t
+    int16_t
+    int32_t
+    double
 
 ctypedef fused pix_t:
     int8_t
@@ -85,6 +111,125 @@ def requantize(const src_t[:, :, :] src, dst_t[:, :, :] dst, const int64_t[:, :]
                     i0 = i1
 
 
+cdef inline int32_t _rq_float(double x, double r, double c, double lo, double hi) noexcept nogil:
+    """floor(x r + c) clipped to [lo, hi], in float64 as the simulator's float path (and
+    numpy) compute it: the sum is clamped to [lo - 1, hi + 1] first (which leaves the
+    clipped floor alone) so truncation to int32 is defined, and truncation is turned into
+    floor by subtracting 1 where it rounded up. Branch-free, so loops of it vectorise."""
+    cdef double t = x * r + c
+    t = lo - 1.0 if t < lo - 1.0 else (hi + 1.0 if t > hi + 1.0 else t)
+    cdef int32_t f = <int32_t>t
+    f -= <int32_t>(<double>f > t)
+    return <int32_t>lo if f < lo else (<int32_t>hi if f > hi else f)
+
+
+cdef inline void _rq_run(const fsrc_t* sp, Py_ssize_t ss, dst_t* dp, Py_ssize_t ds, const double* rp,
+                         Py_ssize_t rs, Py_ssize_t n, double x_zp, double c, double lo, double hi,
+                         bint fast) noexcept nogil:
+    """n values of requantize_float along one run: source, destination and multiplier
+    strides in elements (rs 0: one multiplier). Unit-stride runs whose [lo, hi] fits the
+    destination type (`fast`) go to _requant.h's vectorised loops."""
+    cdef Py_ssize_t t
+    cdef double rv = rp[0]
+    if fast and ds == 1 and ss == 1 and 0 <= rs <= 1:    # the vectorised runs of _requant.h
+        if fsrc_t is int32_t and dst_t is int8_t:
+            qc_rq_i32_i8(sp, dp, rp, rs, n, x_zp, c, lo, hi)
+            return
+        if fsrc_t is int32_t and dst_t is uint8_t:
+            qc_rq_i32_u8(sp, dp, rp, rs, n, x_zp, c, lo, hi)
+            return
+        if fsrc_t is double and dst_t is int8_t:
+            qc_rq_f64_i8(sp, dp, rp, rs, n, x_zp, c, lo, hi)
+            return
+        if fsrc_t is double and dst_t is uint8_t:
+            qc_rq_f64_u8(sp, dp, rp, rs, n, x_zp, c, lo, hi)
+            return
+        if fsrc_t is int8_t and dst_t is int8_t:
+            qc_rq_i8_i8(sp, dp, rp, rs, n, x_zp, c, lo, hi)
+            return
+        if fsrc_t is int8_t and dst_t is uint8_t:
+            qc_rq_i8_u8(sp, dp, rp, rs, n, x_zp, c, lo, hi)
+            return
+        if fsrc_t is uint8_t and dst_t is int8_t:
+            qc_rq_u8_i8(sp, dp, rp, rs, n, x_zp, c, lo, hi)
+            return
+        if fsrc_t is uint8_t and dst_t is uint8_t:
+            qc_rq_u8_u8(sp, dp, rp, rs, n, x_zp, c, lo, hi)
+            return
+    if ds == 1 and ss == 1 and rs == 1:
+        for t in range(n):
+            dp[t] = <dst_t>_rq_float(<double>sp[t] - x_zp, rp[t], c, lo, hi)
+    elif ds == 1 and ss == 1 and rs == 0:
+        for t in range(n):
+            dp[t] = <dst_t>_rq_float(<double>sp[t] - x_zp, rv, c, lo, hi)
+    elif ds == 1 and rs == 0:
+        for t in range(n):
+            dp[t] = <dst_t>_rq_float(<double>sp[t * ss] - x_zp, rv, c, lo, hi)
+    else:
+        for t in range(n):
+            dp[t * ds] = <dst_t>_rq_float(<double>sp[t * ss] - x_zp, rp[t * rs], c, lo, hi)
+
+
+def requantize_float(const fsrc_t[:, :, :] src, dst_t[:, :, :] dst, const double[:, :] r, int per, double x_zp,
+                     double c, int32_t lo, int32_t hi):
+    """dst = clip(floor((src - x_zp) r + c), lo, hi) over (S, rows, cols) blocks, in float64:
+    the float form of requantization that the simulator uses where `_float_exact` proves
+    it equal to the integer rule (c = zp + 1/2, r = m 2^-s); r (S or 1, L) as `requantize`'s
+    multipliers. One pass; runs go along the destination's contiguous axis, rows in
+    blocks when that is the rows (a transposing store: the block's source stays in L1)."""
+    cdef Py_ssize_t S = src.shape[0], R = src.shape[1], C = src.shape[2]
+    cdef Py_ssize_t a, i, j, i0, i1, pa
+    cdef Py_ssize_t s1 = src.strides[1] // <Py_ssize_t>sizeof(fsrc_t), s2 = src.strides[2] // <Py_ssize_t>sizeof(fsrc_t)
+    cdef Py_ssize_t d1 = dst.strides[1] // <Py_ssize_t>sizeof(dst_t), d2 = dst.strides[2] // <Py_ssize_t>sizeof(dst_t)
+    cdef Py_ssize_t r1 = r.strides[1] // <Py_ssize_t>sizeof(double)
+    cdef double flo = lo, fhi = hi
+    cdef bint cols_inner = abs(d2) <= abs(d1)
+    cdef Py_ssize_t blk = DEF_BLOCK
+    cdef bint fast = (dst_t is int8_t and -128 <= lo and hi <= 127) or (dst_t is uint8_t and 0 <= lo and hi <= 255)
+    if dst.shape[0] != S or dst.shape[1] != R or dst.shape[2] != C:
+        raise ValueError("requantize_float: source and destination shapes differ")
+    if r.shape[1] != (1 if per == 0 else (C if per == 1 else R)) or r.shape[0] not in (1, S):
+        raise ValueError("requantize_float: multiplier count does not match per")
+    if R == 0 or C == 0:
+        return
+    cdef dst_t* tmp = NULL
+    cdef dst_t* dp
+    if not cols_inner:
+        tmp = <dst_t*>malloc(blk * C * sizeof(dst_t))
+        if tmp == NULL:
+            raise MemoryError()
+    with nogil:
+        for a in range(S):
+            pa = a if r.shape[0] > 1 else 0
+            if cols_inner:
+                for i in range(R):
+                    _rq_run(&src[a, i, 0], s2, &dst[a, i, 0], d2, &r[pa, i if per == 2 else 0],
+                            r1 if per == 1 else 0, C, x_zp, c, flo, fhi, fast)
+            elif s2 == 1 and per != 2 and (r1 == 1 or per == 0):
+                # transposing store from contiguous source rows: each block of rows is
+                # requantized along the rows into tmp (vectorised), then transposed out
+                i0 = 0
+                while i0 < R:
+                    i1 = i0 + blk if i0 + blk < R else R
+                    for i in range(i0, i1):
+                        _rq_run(&src[a, i, 0], 1, &tmp[(i - i0) * C], 1, &r[pa, 0], 1 if per == 1 else 0, C,
+                                x_zp, c, flo, fhi, fast)
+                    for j in range(C):
+                        dp = &dst[a, i0, j]
+                        for i in range(i1 - i0):
+                            dp[i * d1] = tmp[i * C + j]
+                    i0 = i1
+            else:
+                i0 = 0
+                while i0 < R:
+                    i1 = i0 + blk if i0 + blk < R else R
+                    for j in range(C):
+                        _rq_run(&src[a, i0, j], s1, &dst[a, i0, j], d1, &r[pa, i0 if per == 2 else (j if per == 1 else 0)],
+                                r1 if per == 2 else 0, i1 - i0, x_zp, c, flo, fhi, fast)
+                    i0 = i1
+        free(tmp)
+
+
 def depthwise(const pix_t[:, :, :, :] src, const int8_t[:, :, :, :] wgt, int32_t[:, :, :, :] acc, int x_zp,
               int sh, int sw, int dh, int dw):
     """acc[n, c, y, x] += sum_ij (src[n, c, y sh + i dh, x sw + j dw] - x_zp) * wgt[n or 0, c, i, j]
@@ -143,3 +288,75 @@ def gather_rows(const uint8_t[:, :, :, :, :, :] a, uint8_t[:, ::1] out):
                             memcpy(d, &a[s, i, j, p, q, 0], K2)
                             d += K2
                     row += 1
+
+
+def im2col_f32(const pix_t[:, :, :, :, :, :] a, float[:, ::1] out, int flip, int64_t[::1] rowsum=None):
+    """out[(s, i, j), (p, q, r)] = a[s, i, j, p, q, r] - flip as float32: the implicit
+    im2col of a MATMUL operand, in the form the float32 GEMM takes (flip = 128 turns
+    uint8 into the int8 values of gemm.py's bound; 0 for int8), in one pass. With
+    `rowsum`, also each row's sum of those values (for the weight zero-point term)."""
+    cdef Py_ssize_t S = a.shape[0], M0 = a.shape[1], M1 = a.shape[2], K0 = a.shape[3], K1 = a.shape[4]
+    cdef Py_ssize_t K2 = a.shape[5], ks = a.strides[5] // <Py_ssize_t>sizeof(pix_t)
+    cdef Py_ssize_t s, i, j, p, q, r, row = 0
+    cdef float* d
+    cdef const pix_t* src
+    cdef int64_t total
+    cdef int v
+    cdef bint sums = rowsum is not None
+    if out.shape[0] != S * M0 * M1 or out.shape[1] != K0 * K1 * K2 or (sums and rowsum.shape[0] != out.shape[0]):
+        raise ValueError("im2col_f32: operand and output do not match")
+    with nogil:
+        for s in range(S):
+            for i in range(M0):
+                for j in range(M1):
+                    d = &out[row, 0]
+                    total = 0
+                    for p in range(K0):
+                        for q in range(K1):
+                            if K2 == 0:
+                                continue
+                            src = &a[s, i, j, p, q, 0]
+                            if ks == 1:
+                                for r in range(K2):
+                                    v = <int>src[r] - flip
+                                    d[r] = <float>v
+                                    total += v
+                            else:
+                                for r in range(K2):
+                                    v = <int>src[r * ks] - flip
+                                    d[r] = <float>v
+                                    total += v
+                            d += K2
+                    if sums:
+                        rowsum[row] = total
+                    row += 1
+
+
+def accumulate(int32_t[:, :, :] acc, const float[:, ::1] res, const int32_t[::1] col=None,
+               const int32_t[::1] row=None):
+    """acc[s, i, j] += res[s M + i, j] (an exact integer in float32) [+ col[j]] [+ row[s M + i]],
+    modulo 2^32 as the int32 accumulator adds (-fwrapv)."""
+    cdef Py_ssize_t S = acc.shape[0], M = acc.shape[1], N = acc.shape[2]
+    cdef Py_ssize_t s, i, j, r
+    cdef int32_t extra
+    cdef int32_t* ap
+    cdef const float* rp
+    cdef bint has_col = col is not None, has_row = row is not None
+    if res.shape[0] != S * M or res.shape[1] != N or (has_col and col.shape[0] != N) or \
+            (has_row and row.shape[0] != S * M):
+        raise ValueError("accumulate: accumulator and product do not match")
+    if acc.strides[2] != 4:
+        raise ValueError("accumulate: accumulator rows must be contiguous")
+    with nogil:
+        for s in range(S):
+            for i in range(M):
+                r = s * M + i
+                ap = &acc[s, i, 0]
+                rp = &res[r, 0]
+                extra = row[r] if has_row else 0
+                if has_col:
+                    for j in range(N):
+                        ap[j] += <int32_t>rp[j] + col[j] + extra
+                else:
+                    for j in range(N):
+                        ap[j] += <int32_t>rp[j] + extra

@@ -14,10 +14,10 @@ one view per operand and the arithmetic. Malformed instructions are refused whil
 plan is made, with the same one-line errors. The SRAM arrays are only as large as the
 program uses (bounds are still checked against the target's sizes).
 
-Integer matrix work is exact: int8 x int8 products through `torch._int_mm` (int32
-accumulation; the zero-point corrections are added modulo 2^32, as the int32
-accumulator does), or float64 products (exact below 2^53) when torch is absent, an
-operand is wider than 8 bits or varies per sample. Until something per-inference is
+Integer matrix work is exact: int8 x int8 products through `gemm.engine()` (torch._int_mm
+or K-chunked float32, whichever is faster on this CPU; int32 accumulation, the
+zero-point corrections added modulo 2^32, as the int32 accumulator does), or float64
+products (exact below 2^53) when an operand is wider than 8 bits or varies per sample. Until something per-inference is
 loaded into the weight buffer, what a MATMUL reads from it is the same in every run,
 so its decoded form and column sums are kept in the plan.
 
@@ -36,22 +36,16 @@ from qcompile.quant_math import requantize
 
 from ..isa import Buf, DType, DTYPE_BITS, DTYPE_NUMPY, Instr, Op, PoolMode, Space, index_bits
 from ..program import Program
-from . import _kernels
+from . import _kernels, gemm as _gemm
 from .host import HostRunner
 
 __all__ = ["Machine", "SimulationError", "exact_matmul"]
-
-try:  # the exact int8 GEMM; optional
-    import torch as _torch
-    _HAS_INT_MM = hasattr(_torch, "_int_mm")
-except ImportError:  # pragma: no cover - exercised by the torch-less CI step
-    _torch = None
-    _HAS_INT_MM = False
 
 # memories, as indexed in Machine.mem and in blocks
 ACT, WGT, ACC, CONST, ARENA = Buf.ACT, Buf.WGT, Buf.ACC, 3, 4
 Block = Tuple[int, np.dtype, int, Tuple[int, ...], Tuple[int, ...]]   # memory, dtype, byte offset, dims, byte strides
 _KERNEL_TYPES = {np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.int32)}   # what _kernels.requantize takes
+_FLOAT_KERNEL_TYPES = _KERNEL_TYPES | {np.dtype(np.float64)}                       # sources of requantize_float
 _CHUNK = 1 << 16        # float64 elements requantized at a time (512 KiB, in L2)
 
 
@@ -114,7 +108,7 @@ class Machine:
         cached = self.plan.cache.get(pc) if constant else None
         B = cached[0] if cached is not None and cached[0] is not None else self._weights(b, zb)
         acc = self._view(acc_blk)
-        if not (_HAS_INT_MM and B.shape[0] == 1 and av.dtype.itemsize == 1 and B.dtype.itemsize == 1):
+        if not (B.shape[0] == 1 and av.dtype.itemsize == 1 and B.dtype.itemsize == 1):
             A = av.reshape(s, m, k)
             acc += np.rint(np.matmul(A.astype(np.float64) - za, B.astype(np.float64) - zb)
                            ).astype(np.int64).astype(np.int32)
@@ -123,35 +117,48 @@ class Machine:
             col = np.not_equal(A, za).sum(axis=1)                                   # (S, K)
             self._count(pc, int((col * np.not_equal(B, zb).sum(axis=2)).sum()), int(col.sum()), s, A.size)
             return
-        b8, zb8 = _as_int8(B[0], zb)
-        if cached is None:
-            cached = _weight_sums(B if b[1] != "dense" else None, b8, np.not_equal(B[0], zb).sum(axis=1))
+        gemm = _gemm.engine()
+        if cached is None or cached[3] != gemm.name:
+            b8, zb8 = _as_int8(B[0], zb)
+            cached = _weight_sums(B if b[1] != "dense" else None, b8, np.not_equal(B[0], zb).sum(axis=1), gemm, zb8)
             if constant:
                 self.plan.cache[pc] = cached
-        _, colsum, cnt = cached
-        za8 = int(za) - (128 if av.dtype == np.uint8 else 0)
+        _, colsum, cnt, _, prepared, zb8 = cached
+        flip = 128 if av.dtype == np.uint8 else 0
+        za8 = int(za) - flip
         corr = k * za8 * zb8 - za8 * colsum      # zero-point terms, added modulo 2^32 as the int32 accumulator
         corr = corr.astype(np.int32) if np.any(corr) else None
         pairs = nonzero = 0
-        step = max(1, (1 << 18) // (m * max(k, 4 * b8.shape[1])))   # samples at a time: the work stays in cache
+        step = max(1, (1 << 18) // (m * max(k, 4 * colsum.shape[0])))   # samples at a time: the work stays in cache
         for i in range(0, s, step):
-            a8, _ = _as_int8(self._im2col(av[i:i + step], planar, i, k), za)
             ai = acc[i:i + step]
-            ai += _torch._int_mm(_torch.from_numpy(a8), _torch.from_numpy(b8)).numpy().reshape(ai.shape)
-            if zb8:
-                ai -= (zb8 * a8.sum(axis=1, dtype=np.int64)).astype(np.int32).reshape(-1, m, 1)
-            if corr is not None:
-                ai += corr
+            if gemm.operand is np.float32:
+                sums = np.empty(ai.shape[0] * m, np.int64) if zb8 else None
+                a = self._im2col_f32(av[i:i + step], planar, i, k, flip, sums)
+            else:
+                a, _ = _as_int8(self._im2col(av[i:i + step], planar, i, k), za)
+                sums = a.sum(axis=1, dtype=np.int64) if zb8 else None
+            row = (-zb8 * sums).astype(np.int32) if zb8 else None
+            gemm.accumulate(ai, a, prepared, corr, row)
             if not self.count:
                 continue
             # MACs whose two operands are both nonzero (the others skip their energy): per column of A
-            # its nonzero count (a product with ones), times the column's nonzero weights
-            ones = np.ones((8, a8.shape[0]), np.int8)
-            col = _torch._int_mm(_torch.from_numpy(ones), _torch.from_numpy(np.not_equal(a8, za8).view(np.int8)))
-            col = col[0].numpy().astype(np.int64)
+            # its nonzero count, times the column's nonzero weights
+            col = np.not_equal(a, za8).sum(axis=0, dtype=np.int64)
             pairs, nonzero = pairs + int(col @ cnt), nonzero + int(col.sum())
         if self.count:
             self._count(pc, pairs, nonzero, s, s * m * k)
+
+    def _im2col_f32(self, a: np.ndarray, planar, i: int, k: int, flip: int, sums) -> np.ndarray:
+        """(rows, K) float32 of A's samples `a` (from sample i), minus `flip`, in one pass
+        (`_kernels.im2col_f32`); planar blocks read pixel-major as in `_im2col`."""
+        if planar is not None:
+            region, strides = planar
+            t = np.ascontiguousarray(self._view(region)[i:i + a.shape[0]].transpose(0, 2, 1))
+            a = np.ndarray(a.shape, a.dtype, t, 0, (t.strides[0],) + strides)
+        out = np.empty((a.size // k, k), np.float32)
+        _kernels.im2col_f32(a, out, flip, sums)
+        return out
 
     def _im2col(self, a: np.ndarray, planar, i: int, k: int) -> np.ndarray:
         """(rows, K) copy of A's samples `a` (starting at sample i). A block of channel planes
@@ -242,6 +249,11 @@ class Machine:
                 dst[...] = requantize(np.asarray(x).astype(np.int64) - x_zp, m, s, zp, lo, hi).astype(dst.dtype)
             return
         r = np.ldexp(m.astype(np.float64), (-s).astype(np.int32))         # m * 2^-s, exact
+        per = _per(m, s, x)
+        if per is not None and x.dtype in _FLOAT_KERNEL_TYPES and dst.dtype in _KERNEL_TYPES:
+            flat = r.reshape(-1, 1) if per == 0 else r.reshape(r.shape[0], -1)
+            _kernels.requantize_float(x, dst, flat, per, x_zp, zp + 0.5, lo, hi)   # the same float steps, one pass
+            return
         per = max(1, x[0].size)
         step = max(1, _CHUNK // per)
         if self.scratch.size < step * per:
@@ -361,21 +373,23 @@ def _pool(x: np.ndarray, win, op, dtype) -> np.ndarray:
     return y
 
 
-def _weight_sums(decoded: Optional[np.ndarray], b8: np.ndarray, cnt: np.ndarray):
-    """What the int8 GEMM needs of B beyond its int8 form b8 (K, n): the decoded B (kept
-    when packed), its column sums (for the zero-point terms) and its nonzero weights per row."""
-    return decoded, b8.sum(axis=0, dtype=np.int64), cnt.astype(np.int64)
+def _weight_sums(decoded: Optional[np.ndarray], b8: np.ndarray, cnt: np.ndarray, gemm, zb8: int):
+    """What the int8 GEMM needs of B, kept across runs while B is constant: the decoded B
+    (when packed), the int8 form's column sums (for the zero-point terms), the nonzero
+    weights per row, the GEMM engine's name and its form of B, and B's int8 zero point."""
+    return decoded, b8.sum(axis=0, dtype=np.int64), cnt.astype(np.int64), gemm.name, gemm.prepare(b8), zb8
 
 
 def exact_matmul(A: np.ndarray, za: int, B: np.ndarray, zb: int) -> np.ndarray:
     """sum_k (A - za) * (B - zb), exact, as int64: A is (N, M, K), B is (1 or N, K, n)."""
     n, m, k = A.shape
-    if _HAS_INT_MM and B.shape[0] == 1 and A.dtype.itemsize == 1 and B.dtype.itemsize <= 1:
+    if B.shape[0] == 1 and A.dtype.itemsize == 1 and B.dtype.itemsize == 1 and k < 2 ** 17:   # int32 cannot wrap
         a8, za8 = _as_int8(A, za)
         b8, zb8 = _as_int8(B[0], zb)
-        raw = _torch._int_mm(_torch.from_numpy(np.ascontiguousarray(a8.reshape(n * m, k))),
-                             _torch.from_numpy(np.ascontiguousarray(b8))).numpy().astype(np.int64)
-        raw = raw.reshape(n, m, -1)
+        gemm = _gemm.engine()
+        acc = np.zeros((n, m, b8.shape[1]), np.int32)
+        gemm.accumulate(acc, a8.reshape(n * m, k).astype(gemm.operand), gemm.prepare(b8))
+        raw = acc.astype(np.int64)
         if zb8:
             raw -= zb8 * a8.astype(np.int64).sum(axis=2, keepdims=True)
         if za8:

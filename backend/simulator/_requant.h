@@ -1,0 +1,87 @@
+/* Runs of the simulator's float64 requantization, used by _kernels.pyx requantize_float:
+ * d[t] = clip(floor((s[t] - xzp) * r + c), lo, hi), the same float steps as the numpy
+ * path (separate multiply and add, so the rounding is the same), with r one value
+ * (rs = 0) or one per element (rs = 1). On x86-64 with AVX2 (checked at run time) four
+ * values go at a time through AVX2 intrinsics; elsewhere, and for the tail, a scalar
+ * loop. The caller guarantees [lo, hi] lies inside DST's range, so packing with
+ * saturation changes nothing. */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(QC_NO_AVX2)
+#include <immintrin.h>
+#define QC_AVX2 1
+static int qc_avx2 = -1;
+static int qc_have_avx2(void) {
+    if (qc_avx2 < 0) {
+        __builtin_cpu_init();
+        qc_avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
+    }
+    return qc_avx2;
+}
+#endif
+
+static inline int32_t qc_rq1(double x, double r, double c, double lo, double hi) {
+    double v = floor(x * r + c);
+    v = v < lo ? lo : v;
+    v = v > hi ? hi : v;
+    return (int32_t)v;
+}
+
+/* LOAD4(p): four source values as doubles; STORE4(q, p): four int32 in range as DST */
+#define QC_LOAD4_int32_t(p) _mm256_cvtepi32_pd(_mm_loadu_si128((const __m128i *)(p)))
+#define QC_LOAD4_double(p) _mm256_loadu_pd(p)
+#define QC_LOAD4_int8_t(p) _mm256_cvtepi32_pd(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(qc_load32(p))))
+#define QC_LOAD4_uint8_t(p) _mm256_cvtepi32_pd(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(qc_load32(p))))
+#define QC_STORE4_int8_t(q, p) qc_store32(p, _mm_cvtsi128_si32(_mm_packs_epi16(_mm_packs_epi32(q, q), q)))
+#define QC_STORE4_uint8_t(q, p) qc_store32(p, _mm_cvtsi128_si32(_mm_packus_epi16(_mm_packs_epi32(q, q), q)))
+
+static inline int qc_load32(const void *p) { int v; memcpy(&v, p, 4); return v; }
+static inline void qc_store32(void *p, int v) { memcpy(p, &v, 4); }
+
+#ifdef QC_AVX2
+#define QC_RQ_AVX2(NAME, SRC, DST)                                                                  \
+    __attribute__((target("avx2"))) static ptrdiff_t NAME##_avx2(                                  \
+        const SRC *s, DST *d, const double *r, ptrdiff_t rs, ptrdiff_t n, double xzp, double c,     \
+        double lo, double hi) {                                                                     \
+        __m256d vx = _mm256_set1_pd(xzp), vc = _mm256_set1_pd(c), vlo = _mm256_set1_pd(lo);        \
+        __m256d vhi = _mm256_set1_pd(hi), vr = _mm256_set1_pd(r[0]);                                \
+        ptrdiff_t t = 0;                                                                            \
+        for (; t + 4 <= n; t += 4) {                                                                \
+            __m256d v = _mm256_sub_pd(QC_LOAD4_##SRC(s + t), vx);                                   \
+            if (rs) vr = _mm256_loadu_pd(r + t);                                                    \
+            v = _mm256_floor_pd(_mm256_add_pd(_mm256_mul_pd(v, vr), vc));                           \
+            v = _mm256_min_pd(_mm256_max_pd(v, vlo), vhi);                                          \
+            QC_STORE4_##DST(_mm256_cvttpd_epi32(v), d + t);                                         \
+        }                                                                                           \
+        return t;                                                                                   \
+    }
+#else
+#define QC_RQ_AVX2(NAME, SRC, DST)
+#endif
+
+#ifdef QC_AVX2
+#define QC_RQ_VECTOR(NAME) if (qc_have_avx2()) t = NAME##_avx2(s, d, r, rs, n, xzp, c, lo, hi);
+#else
+#define QC_RQ_VECTOR(NAME)
+#endif
+
+#define QC_RQ_RUN(NAME, SRC, DST)                                                                  \
+    QC_RQ_AVX2(NAME, SRC, DST)                                                                      \
+    static void NAME(const SRC *s, DST *d, const double *r, ptrdiff_t rs, ptrdiff_t n, double xzp,  \
+                     double c, double lo, double hi) {                                              \
+        ptrdiff_t t = 0;                                                                            \
+        QC_RQ_VECTOR(NAME)                                                                          \
+        for (; t < n; t++) d[t] = (DST)qc_rq1((double)s[t] - xzp, r[rs ? t : 0], c, lo, hi);       \
+    }
+
+QC_RQ_RUN(qc_rq_i32_i8, int32_t, int8_t)
+QC_RQ_RUN(qc_rq_i32_u8, int32_t, uint8_t)
+QC_RQ_RUN(qc_rq_f64_i8, double, int8_t)
+QC_RQ_RUN(qc_rq_f64_u8, double, uint8_t)
+QC_RQ_RUN(qc_rq_i8_i8, int8_t, int8_t)
+QC_RQ_RUN(qc_rq_i8_u8, int8_t, uint8_t)
+QC_RQ_RUN(qc_rq_u8_i8, uint8_t, int8_t)
+QC_RQ_RUN(qc_rq_u8_u8, uint8_t, uint8_t)
