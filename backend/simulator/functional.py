@@ -129,10 +129,15 @@ class Machine:
         corr = k * za8 * zb8 - za8 * colsum      # zero-point terms, added modulo 2^32 as the int32 accumulator
         corr = corr.astype(np.int32) if np.any(corr) else None
         pairs = nonzero = 0
+        channels = _channel_major(av)
         step = max(1, (1 << 18) // (m * max(k, 4 * colsum.shape[0])))   # samples at a time: the work stays in cache
         for i in range(0, s, step):
             ai = acc[i:i + step]
-            if gemm.operand is np.float32:
+            if gemm.operand is np.float32 and channels is not None:        # A's transposes: no im2col
+                a = np.empty((ai.shape[0], k, m), np.float32)
+                np.subtract(channels[i:i + step], flip, out=a, dtype=np.float32)
+                sums = a.sum(axis=1, dtype=np.float64).astype(np.int64).reshape(-1) if zb8 else None
+            elif gemm.operand is np.float32:
                 sums = np.empty(ai.shape[0] * m, np.int64) if zb8 else None
                 a = self._im2col_f32(av[i:i + step], planar, i, k, flip, sums)
             else:
@@ -144,7 +149,7 @@ class Machine:
                 continue
             # MACs whose two operands are both nonzero (the others skip their energy): per column of A
             # its nonzero count, times the column's nonzero weights
-            col = np.not_equal(a, za8).sum(axis=0, dtype=np.int64)
+            col = np.not_equal(a, za8).sum(axis=(0, 2) if a.ndim == 3 else 0, dtype=np.int64)
             pairs, nonzero = pairs + int(col @ cnt), nonzero + int(col.sum())
         if self.count:
             self._count(pc, pairs, nonzero, s, s * m * k)
@@ -588,6 +593,20 @@ def _planar(av: Block):
     if 2 * span * k2 > m0 * m1 * k0 * k1 * k2:
         return None
     return (mem, npt, off, (k2, span), (strides[4], isz)), tuple(st * k2 for st in strides[:4]) + (isz,)
+
+
+def _channel_major(av: np.ndarray) -> Optional[np.ndarray]:
+    """For an A operand (S, m0, m1, 1, 1, K) whose m0 m1 rows are consecutive elements of
+    K channel planes (a 1x1 convolution over planar activations): the (S, K, m0 m1) view
+    of those planes, each sample A's transpose, which the float32 GEMM takes as it is
+    (no im2col). None otherwise."""
+    s, m0, m1, k0, k1, k2 = av.shape
+    isz = av.itemsize
+    st = av.strides
+    if k0 * k1 != 1 or k2 < 2 or (m1 > 1 and st[2] != isz) or (m0 > 1 and st[1] != m1 * isz) or \
+            abs(st[5]) < m0 * m1 * isz:
+        return None
+    return np.lib.stride_tricks.as_strided(av, (s, k2, m0 * m1), (st[0], st[5], isz), writeable=False)
 
 
 def _buf(buf: int, pc: int, what: str) -> int:

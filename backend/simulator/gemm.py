@@ -45,7 +45,16 @@ class Float32Gemm:
         return _torch.from_numpy(b) if _torch is not None else b
 
     def product(self, a: np.ndarray, b, k0: int, k1: int, out: np.ndarray) -> np.ndarray:
-        """out = A[:, k0:k1] B[k0:k1] in float32 (exact for k1 - k0 <= K_CHUNK)."""
+        """out = A[:, k0:k1] B[k0:k1] in float32 (exact for k1 - k0 <= K_CHUNK); A (rows, K),
+        or channel-major (S, K, m) for the rows of S samples (out (S m, n))."""
+        if a.ndim == 3:                   # one batched product of the samples' transposes
+            outs = out.reshape(a.shape[0], a.shape[2], out.shape[1])
+            if _torch is not None:
+                at = _torch.from_numpy(a)[:, k0:k1].transpose(1, 2)
+                _torch.bmm(at, b[k0:k1].expand(a.shape[0], -1, -1), out=_torch.from_numpy(outs))
+            else:
+                np.matmul(a[:, k0:k1].transpose(0, 2, 1), b[k0:k1], out=outs)
+            return out
         if _torch is not None:
             _torch.mm(_torch.from_numpy(a)[:, k0:k1], b[k0:k1], out=_torch.from_numpy(out))
         else:
@@ -54,12 +63,13 @@ class Float32Gemm:
 
     def accumulate(self, acc: np.ndarray, a: np.ndarray, b, col: Optional[np.ndarray] = None,
                    row: Optional[np.ndarray] = None) -> None:
-        """acc (S, m, n) int32 += A B [+ col[j]] [+ row[r]], rows r of A (S m, K) in acc's
-        order, modulo 2^32."""
+        """acc (S, m, n) int32 += A B [+ col[j]] [+ row[r]], rows r of A (S m, K), or of
+        channel-major A (S, K, m) whose samples are A's transposes, in acc's order,
+        modulo 2^32."""
         from . import _kernels
 
         k = a.shape[1]
-        out = np.empty((a.shape[0], acc.shape[2]), np.float32)
+        out = np.empty((acc.shape[0] * acc.shape[1], acc.shape[2]), np.float32)
         for k0 in range(0, max(k, 1), K_CHUNK):
             self.product(a, b, k0, min(k, k0 + K_CHUNK), out)
             _kernels.accumulate(acc, out, col if k0 == 0 else None, row if k0 == 0 else None)
@@ -72,7 +82,9 @@ class IntMmGemm:
     operand = np.int8
 
     def prepare(self, b8: np.ndarray):
-        return _torch.from_numpy(np.ascontiguousarray(b8, np.int8))
+        """B's form kept across runs: an int8 (K, n) copy (b8 may view the weight buffer,
+        which later loads overwrite)."""
+        return _torch.from_numpy(np.array(b8, np.int8, order="C", copy=True))
 
     def accumulate(self, acc: np.ndarray, a: np.ndarray, b, col: Optional[np.ndarray] = None,
                    row: Optional[np.ndarray] = None) -> None:
