@@ -1,11 +1,21 @@
 """qcompile PTQ against onnxruntime's quantize_static, same models, same data.
 
-    python benchmarks/ptq_vs_onnxruntime.py [--models digits,resnet,mobilenet,transformer,lstm,gru]
+    python benchmarks/ptq_vs_onnxruntime.py [--models torch,light | digits,resnet,...,squeezenet,...]
                                            [--out benchmarks/results/ptq_vs_onnxruntime.md]
 
-For each model: one float ONNX file; a calibration split and a disjoint evaluation
-split (the digits example's own files; seeded random inputs for the torch models,
-drawn from different seeds). Rows:
+Models (`--models`, names or the groups `torch`, `light`, `all`; default all): the
+digits example, five small torch models of tests/torch_models.py (ResNet- and
+MobileNet-style CNNs, a transformer encoder, LSTM and GRU classifiers), and the `onnx`
+package's light models (onnx/backend/test/data/light: squeezenet, shufflenet,
+bvlc_alexnet, zfnet512, inception_v1, inception_v2, resnet50, densenet121, vgg19) with
+seeded random weights in place of their ConstantOfShape generators
+(tests/onnx_models.py `light_random_weights`). For each model: one float ONNX file; a
+calibration split and a disjoint evaluation split (the digits example's own files;
+seeded random inputs for the others, drawn from different seeds: structured random
+images for the CNNs, light models included). The light models take fewer samples
+(LIGHT_SAMPLES, fewer still for the heavy ones) and only the default and W4A8 qcompile
+rows, with the range search bounded to LIGHT_SEARCH_SECONDS, so that all models run in
+about a quarter of an hour on one core. Rows:
   - float: the reference;
   - onnxruntime quantize_static, QDQ, per-channel int8 weights, uint8 activations
     (its defaults), after quant_pre_process, for each of MinMax, Entropy, Percentile;
@@ -35,16 +45,33 @@ import numpy as np
 import onnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))  # torch_models
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # torch_models, onnx_models
+
+LIGHT_DIR = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
+TORCH = ["digits", "resnet", "mobilenet", "transformer", "lstm", "gru"]
+LIGHT = ["squeezenet", "shufflenet", "bvlc_alexnet", "zfnet512", "inception_v1", "inception_v2", "resnet50",
+         "densenet121", "vgg19"]
+# (calibration, evaluation) samples of the light models: 224x224 images, one per run
+LIGHT_SAMPLES = {"squeezenet": (32, 64), "shufflenet": (32, 64), "bvlc_alexnet": (32, 64), "inception_v1": (32, 64),
+                 "inception_v2": (32, 64), "zfnet512": (16, 32), "resnet50": (16, 32), "densenet121": (16, 32),
+                 "vgg19": (8, 16)}
+LIGHT_SEARCH_SECONDS = 15.0
+# qcompile rows: (calibration method, weights); the light models take the first and the last
+QC_ROWS = (("minmax", "int8"), ("mse", "int8"), ("entropy", "int8"), ("percentile", "int8"), ("minmax", "int4"))
 
 Feed = Dict[str, np.ndarray]
 
 
 # -- models and data ----------------------------------------------------------------------
 class Case:
+    """A float model with its calibration and evaluation splits. `batch`: the most
+    samples one run takes (1 for a model with a fixed batch of 1); `rows`: the qcompile
+    (method, weights) rows; `options`: extra quantize options (none for the default)."""
+
     def __init__(self, name: str, path: str, calib: List[Feed], evals: List[Feed], labels: Optional[np.ndarray],
-                 note: str):
+                 note: str, batch: int = 64, rows=QC_ROWS, options: str = ""):
         self.name, self.path, self.calib, self.evals, self.labels, self.note = name, path, calib, evals, labels, note
+        self.batch, self.rows, self.options = batch, rows, options
         self.ort_note = ""
 
 
@@ -121,10 +148,53 @@ def recurrent(name: str, builder: Callable) -> Callable[[str, int, int], Case]:
     return make
 
 
+def light(name: str) -> Callable[[str, int, int], Case]:
+    """An onnx light model with seeded random weights, on structured random images (the
+    same `_images` as the torch CNNs) at its fixed input shape; its own sample counts.
+    The model (opset 9) is converted to opset 13 for both quantizers: onnxruntime's
+    per-channel QDQ output is invalid below 13 (DequantizeLinear has no axis there)."""
+    def make(tmp: str, n_calib: int, n_eval: int) -> Case:
+        from onnx import version_converter
+        from onnx_models import light_random_weights
+        proto = light_random_weights(onnx.load(os.path.join(LIGHT_DIR, f"light_{name}.onnx")))
+        used = {i for n in proto.graph.node for i in n.input}  # drop the generators' shape constants
+        kept = [t for t in proto.graph.initializer if t.name in used]
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(kept)
+        proto = version_converter.convert_version(proto, 13)
+        path = os.path.join(tmp, name + ".onnx")
+        onnx.save(proto, path)
+        inp = proto.graph.input[0]
+        _, c, h, w = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+        n_calib, n_eval = LIGHT_SAMPLES[name]
+        calib = _split({inp.name: _images(1000, n_calib, c, h)})
+        evals = _split({inp.name: _images(2000, n_eval, c, h)})
+        return Case(name, path, calib, evals, None,
+                    f"light_{name}.onnx (opset 13) with seeded random weights, random low-frequency images "
+                    f"{c}x{h}x{w}, seeds 1000/2000; qcompile range search bounded to {LIGHT_SEARCH_SECONDS:g} s",
+                    batch=1, rows=(QC_ROWS[0], QC_ROWS[-1]), options=f"search_seconds={LIGHT_SEARCH_SECONDS:g}")
+    return make
+
+
 def _builders():
     from torch_models import gru, lstm, mobilenet, resnet
     return {"digits": digits, "resnet": cnn("resnet", resnet, 16), "mobilenet": cnn("mobilenet", mobilenet, 32),
-            "transformer": transformer, "lstm": recurrent("lstm", lstm), "gru": recurrent("gru", gru)}
+            "transformer": transformer, "lstm": recurrent("lstm", lstm), "gru": recurrent("gru", gru),
+            **{name: light(name) for name in LIGHT}}
+
+
+def _selected(text: str) -> List[str]:
+    """Model names from --models: names and the groups torch, light, all, in order."""
+    groups = {"torch": TORCH, "light": LIGHT, "all": TORCH + LIGHT}
+    names: List[str] = []
+    for item in (t.strip() for t in text.split(",")):
+        for name in groups.get(item, [item] if item else []):
+            if name not in TORCH + LIGHT:
+                raise SystemExit(f"unknown model {name!r}; choose from {', '.join(TORCH + LIGHT)} "
+                                 f"or the groups {', '.join(groups)}")
+            if name not in names:
+                names.append(name)
+    return names
 
 
 # -- running and scoring ------------------------------------------------------------------
@@ -133,14 +203,14 @@ def _batched(feeds: List[Feed], size: int = 64) -> List[Feed]:
             for i in range(0, len(feeds), size)]
 
 
-def outputs(path_or_proto, feeds: List[Feed]) -> np.ndarray:
+def outputs(path_or_proto, feeds: List[Feed], batch: int = 64) -> np.ndarray:
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     opts.log_severity_level = 3
     data = path_or_proto if isinstance(path_or_proto, str) else path_or_proto.SerializeToString()
     sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-    return np.concatenate([sess.run(None, f)[0] for f in _batched(feeds)]).reshape(len(feeds), -1)
+    return np.concatenate([sess.run(None, f)[0] for f in _batched(feeds, batch)]).reshape(len(feeds), -1)
 
 
 def score(case: Case, ref: np.ndarray, out: np.ndarray) -> Dict[str, float]:
@@ -190,7 +260,7 @@ def run_ort(case: Case, tmp: str, method: str) -> str:
         def __init__(self):
             # equal batches: the histogram calibrators (Entropy, Percentile) of
             # onnxruntime 1.2x fail on a shorter last batch (np.asarray of ragged arrays)
-            size = next(b for b in (16, 10, 8, 5, 4, 2, 1) if len(case.calib) % b == 0)
+            size = next(b for b in (16, 10, 8, 5, 4, 2, 1) if len(case.calib) % b == 0 and b <= case.batch)
             self.it = iter(_batched(case.calib, size))
 
         def get_next(self):
@@ -214,7 +284,8 @@ def run_qcompile(case: Case, tmp: str, method: str, weights: str) -> str:
     import qcompile.passes  # noqa: F401
     model = qcompile.load(case.path)
     model.annotations["calibration_data"] = case.calib
-    text = f"fold,calibrate{{method={method},progress=false}},quantize{{weights={weights}}}"
+    options = f"weights={weights}" + (f",{case.options}" if case.options else "")
+    text = f"fold,calibrate{{method={method},progress=false}},quantize{{{options}}}"
     result = qcompile.PassManager.parse(text).run(model)
     out = os.path.join(tmp, f"{case.name}_qc_{method}_{weights}.onnx")
     qcompile.save(result.model, out)
@@ -222,7 +293,7 @@ def run_qcompile(case: Case, tmp: str, method: str, weights: str) -> str:
 
 
 def bench(case: Case, tmp: str) -> List[Dict]:
-    ref = outputs(case.path, case.evals)
+    ref = outputs(case.path, case.evals, case.batch)
     rows = [{"tool": "float", "config": "fp32", **score(case, ref, ref), **sizes(case.path), "time": 0.0, "q": 0}]
     ort_rows = []
     for method in ("MinMax", "Entropy", "Percentile"):
@@ -233,21 +304,22 @@ def bench(case: Case, tmp: str) -> List[Dict]:
             rows.append({"tool": "onnxruntime", "config": f"W8A8 {method}: failed ({type(e).__name__}: {e})"[:90]})
             continue
         dt = time.perf_counter() - t
-        row = {"tool": "onnxruntime", "config": f"W8A8 {method}", **score(case, ref, outputs(path, case.evals)),
+        row = {"tool": "onnxruntime", "config": f"W8A8 {method}",
+               **score(case, ref, outputs(path, case.evals, case.batch)),
                **sizes(path), "time": dt, "q": quantized_tensors(path)}
         rows.append(row)
         ort_rows.append(row)
     key = "top1" if case.labels is not None else "sqnr"
     if ort_rows:
         max(ort_rows, key=lambda r: r[key])["best"] = True
-    for method, weights in (("minmax", "int8"), ("mse", "int8"), ("entropy", "int8"), ("percentile", "int8"),
-                            ("minmax", "int4")):
+    for method, weights in case.rows:
         t = time.perf_counter()
         path = run_qcompile(case, tmp, method, weights)
         dt = time.perf_counter() - t
         label = ("W8A8" if weights == "int8" else "W4A8") + f" {method}" + (" (default)" if method == "minmax" else "")
-        rows.append({"tool": "qcompile", "config": label, **score(case, ref, outputs(path, case.evals)),
-                     **sizes(path), "time": dt, "q": quantized_tensors(path)})
+        out = outputs(path, case.evals, case.batch)
+        rows.append({"tool": "qcompile", "config": label, **score(case, ref, out), **sizes(path), "time": dt,
+                     "q": quantized_tensors(path)})
     return rows
 
 
@@ -273,31 +345,64 @@ def table(results: Dict[str, List[Dict]], cases: Dict[str, Case]) -> str:
     return "\n".join(lines)
 
 
+def machine() -> str:
+    """The CPU and versions: onnxruntime's int8 kernels saturate int16 pair sums on x86
+    CPUs without VNNI, which changes every W8A8 figure (both tools)."""
+    import platform
+
+    import onnxruntime as ort
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    cpu = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    vnni = sorted(f for f in flags if "vnni" in f)
+    isa = ("VNNI: " + ", ".join(vnni)) if vnni else ("no VNNI (AVX2 u8s8 kernels saturate)" if "avx2" in flags
+                                                     else "")
+    return (f"{cpu}, {os.cpu_count()} CPUs{', ' + isa if isa else ''}; python {platform.python_version()}, "
+            f"numpy {np.__version__}, onnx {onnx.__version__}, onnxruntime {ort.__version__}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="digits,resnet,mobilenet,transformer,lstm,gru")
-    ap.add_argument("--calib", type=int, default=200, help="calibration samples (torch models; digits has 200)")
+    ap.add_argument("--models", default="all", help=f"comma-separated names ({', '.join(TORCH + LIGHT)}) or "
+                                                    "groups (torch, light, all)")
+    ap.add_argument("--calib", type=int, default=200,
+                    help="calibration samples (torch models; digits has 200; light models: LIGHT_SAMPLES)")
     ap.add_argument("--eval", type=int, default=500, help="evaluation samples (digits has 300)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "ptq_vs_onnxruntime.md"))
     args = ap.parse_args(argv)
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
+    names = _selected(args.models)
+    if any(n in LIGHT for n in names) and not os.path.isdir(LIGHT_DIR):
+        raise SystemExit(f"the onnx package ships no light models here ({LIGHT_DIR})")
     builders = _builders()
     results, cases = {}, {}
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
+        for name in names:
             t = time.perf_counter()
             case = builders[name](tmp, args.calib, args.eval)
             cases[name] = case
             results[name] = bench(case, tmp)
             print(f"{name}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    total = time.perf_counter() - start
     text = table(results, cases)
     print(text)
     if args.out:
         from qcompile._fileio import atomic_write
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        command = " ".join(["python benchmarks/ptq_vs_onnxruntime.py", *(sys.argv[1:] if argv is None else argv)])
         atomic_write(args.out, "# PTQ: qcompile vs onnxruntime quantize_static\n\n"
-                     "Made by `python benchmarks/ptq_vs_onnxruntime.py`.\n\n" + text + "\n", "w")
+                     f"Made by `{command}` on {machine()}; {total:.0f} s in all.\n\n" + text + "\n", "w")
     return 0
 
 
