@@ -11,6 +11,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
 cdef extern from "_requant.h" nogil:
+    int32_t qc_rq1(double x, double r, double c, double lo, double hi)
     void qc_rq_i32_i8(const int32_t* s, int8_t* d, const double* r, Py_ssize_t rs, Py_ssize_t n, double xzp, double c,
                       double lo, double hi)
     void qc_rq_i32_u8(const int32_t* s, uint8_t* d, const double* r, Py_ssize_t rs, Py_ssize_t n, double xzp, double c,
@@ -111,26 +112,14 @@ def requantize(const src_t[:, :, :] src, dst_t[:, :, :] dst, const int64_t[:, :]
                     i0 = i1
 
 
-cdef inline int32_t _rq_float(double x, double r, double c, double lo, double hi) noexcept nogil:
-    """floor(x r + c) clipped to [lo, hi], in float64 as the simulator's float path (and
-    numpy) compute it: the sum is clamped to [lo - 1, hi + 1] first (which leaves the
-    clipped floor alone) so truncation to int32 is defined, and truncation is turned into
-    floor by subtracting 1 where it rounded up. Branch-free, so loops of it vectorise."""
-    cdef double t = x * r + c
-    t = lo - 1.0 if t < lo - 1.0 else (hi + 1.0 if t > hi + 1.0 else t)
-    cdef int32_t f = <int32_t>t
-    f -= <int32_t>(<double>f > t)
-    return <int32_t>lo if f < lo else (<int32_t>hi if f > hi else f)
-
-
 cdef inline void _rq_run(const fsrc_t* sp, Py_ssize_t ss, dst_t* dp, Py_ssize_t ds, const double* rp,
                          Py_ssize_t rs, Py_ssize_t n, double x_zp, double c, double lo, double hi,
                          bint fast) noexcept nogil:
     """n values of requantize_float along one run: source, destination and multiplier
     strides in elements (rs 0: one multiplier). Unit-stride runs whose [lo, hi] fits the
-    destination type (`fast`) go to _requant.h's vectorised loops."""
+    destination type (`fast`) go to _requant.h's vectorised loops, the others through its
+    scalar rule qc_rq1 (the cast to dst_t wraps, as the numpy path's int32 cast does)."""
     cdef Py_ssize_t t
-    cdef double rv = rp[0]
     if fast and ds == 1 and ss == 1 and 0 <= rs <= 1:    # the vectorised runs of _requant.h
         if fsrc_t is int32_t and dst_t is int8_t:
             qc_rq_i32_i8(sp, dp, rp, rs, n, x_zp, c, lo, hi)
@@ -156,18 +145,8 @@ cdef inline void _rq_run(const fsrc_t* sp, Py_ssize_t ss, dst_t* dp, Py_ssize_t 
         if fsrc_t is uint8_t and dst_t is uint8_t:
             qc_rq_u8_u8(sp, dp, rp, rs, n, x_zp, c, lo, hi)
             return
-    if ds == 1 and ss == 1 and rs == 1:
-        for t in range(n):
-            dp[t] = <dst_t>_rq_float(<double>sp[t] - x_zp, rp[t], c, lo, hi)
-    elif ds == 1 and ss == 1 and rs == 0:
-        for t in range(n):
-            dp[t] = <dst_t>_rq_float(<double>sp[t] - x_zp, rv, c, lo, hi)
-    elif ds == 1 and rs == 0:
-        for t in range(n):
-            dp[t] = <dst_t>_rq_float(<double>sp[t * ss] - x_zp, rv, c, lo, hi)
-    else:
-        for t in range(n):
-            dp[t * ds] = <dst_t>_rq_float(<double>sp[t * ss] - x_zp, rp[t * rs], c, lo, hi)
+    for t in range(n):
+        dp[t * ds] = <dst_t>qc_rq1(<double>sp[t * ss] - x_zp, rp[t * rs], c, lo, hi)
 
 
 def requantize_float(const fsrc_t[:, :, :] src, dst_t[:, :, :] dst, const double[:, :] r, int per, double x_zp,

@@ -157,10 +157,7 @@ class Machine:
     def _im2col_f32(self, a: np.ndarray, planar, i: int, k: int, flip: int, sums) -> np.ndarray:
         """(rows, K) float32 of A's samples `a` (from sample i), minus `flip`, in one pass
         (`_kernels.im2col_f32`); planar blocks read pixel-major as in `_im2col`."""
-        if planar is not None:
-            region, strides = planar
-            t = np.ascontiguousarray(self._view(region)[i:i + a.shape[0]].transpose(0, 2, 1))
-            a = np.ndarray(a.shape, a.dtype, t, 0, (t.strides[0],) + strides)
+        a = self._pixel_major(a, planar, i)
         out = np.empty((a.size // k, k), np.float32)
         _kernels.im2col_f32(a, out, flip, sums)
         return out
@@ -169,15 +166,21 @@ class Machine:
         """(rows, K) copy of A's samples `a` (starting at sample i). A block of channel planes
         read through a window (convolutions) is first turned pixel-major, so the gather
         copies runs of k1 * k2 elements instead of single ones."""
-        if planar is not None:
-            region, strides = planar                                    # (S, k2, P) planes
-            t = np.ascontiguousarray(self._view(region)[i:i + a.shape[0]].transpose(0, 2, 1))
-            a = np.ndarray(a.shape, a.dtype, t, 0, (t.strides[0],) + strides)
+        a = self._pixel_major(a, planar, i)
         if a.itemsize == 1 and a.strides[5] == 1 and a.shape[5] >= 16 and not a.flags.c_contiguous:
             out = np.empty((a.size // k, k), a.dtype)
             _kernels.gather_rows(a.view(np.uint8), out.view(np.uint8))     # runs of channels, memcpy each
             return out
         return a.reshape(-1, k)
+
+    def _pixel_major(self, a: np.ndarray, planar, i: int) -> np.ndarray:
+        """A's samples `a` (from sample i) read from a pixel-major copy of their channel
+        planes when `_planar` found them (runs of channels become contiguous); else `a`."""
+        if planar is None:
+            return a
+        region, strides = planar                                        # (S, k2, P) planes
+        t = np.ascontiguousarray(self._view(region)[i:i + a.shape[0]].transpose(0, 2, 1))
+        return np.ndarray(a.shape, a.dtype, t, 0, (t.strides[0],) + strides)
 
     def _count(self, pc: int, pairs: int, nonzero: int, s: int, size: int):
         self.mac_pairs[pc] = pairs / s

@@ -22,6 +22,8 @@ from typing import Optional
 
 import numpy as np
 
+from . import _kernels
+
 try:  # optional: without torch, numpy's float32 GEMM does the work
     import torch as _torch
 except ImportError:  # pragma: no cover - exercised by the torch-less CI step
@@ -66,8 +68,6 @@ class Float32Gemm:
         """acc (S, m, n) int32 += A B [+ col[j]] [+ row[r]], rows r of A (S m, K), or of
         channel-major A (S, K, m) whose samples are A's transposes, in acc's order,
         modulo 2^32."""
-        from . import _kernels
-
         k = a.shape[1]
         out = np.empty((acc.shape[0] * acc.shape[1], acc.shape[2]), np.float32)
         for k0 in range(0, max(k, 1), K_CHUNK):
