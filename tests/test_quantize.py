@@ -269,6 +269,38 @@ def test_activation_range_search():
     assert quantized("search_seconds=0").annotations["activation_ranges"] == {}
 
 
+def test_range_search_requantizes_the_biases_that_depend_on_a_new_range(monkeypatch):
+    """A new range of a Conv/Gemm input changes s_x, and the int32 bias of that node is
+    requantized at s_x * s_w: onnxruntime's fused kernels and lower-integer add the int32
+    bias to the accumulator as is, so a bias left at the old s_x would be wrong by
+    s_x_old / s_x_new (and every candidate would be judged by that error)."""
+    from qcompile.passes.quantize import range_search
+
+    monkeypatch.setattr(range_search, "_accept", lambda best, err: True)  # take every candidate
+    plain, searched = quantized("search_samples=0"), quantized("search_samples=16")
+    assert searched.annotations["activation_ranges"]
+
+    def biases(model):
+        out = {}
+        for node in model.graph.nodes:
+            if node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2:
+                bdq, wdq, xdq = (node.inputs[i].producer for i in (2, 1, 0))
+                s_x, s_w = np.float32(xdq.inputs[1].const_value), wdq.inputs[1].const_value
+                scale = bdq.inputs[1].const_value
+                np.testing.assert_array_equal(scale, (s_x * s_w).astype(np.float32))
+                out[node.name] = (bdq.inputs[0].const_value.astype(np.float64) * scale, scale)
+        return out
+
+    before, after = biases(plain), biases(searched)
+    assert before.keys() == after.keys() and len(before) >= 3
+    moved = 0
+    for name, (b, scale) in after.items():
+        b0, scale0 = before[name]
+        assert np.all(np.abs(b - b0) <= (scale + scale0) / 2 * (1 + 1e-6))
+        moved += not np.array_equal(scale, scale0)
+    assert moved >= 1
+
+
 def test_range_search_accepts_only_cuts_above_the_noise():
     """A candidate range is kept for a cut of the output error of at least 1% that is 3
     standard errors above zero over the samples; a cut carried by a few samples, or by
