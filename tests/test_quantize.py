@@ -276,7 +276,7 @@ def test_range_search_requantizes_the_biases_that_depend_on_a_new_range(monkeypa
     s_x_old / s_x_new (and every candidate would be judged by that error)."""
     from qcompile.passes.quantize import range_search
 
-    monkeypatch.setattr(range_search, "_accept", lambda best, err: True)  # take every candidate
+    monkeypatch.setattr(range_search, "_accept", lambda best, err, z=0.0: True)  # take every candidate
     plain, searched = quantized("search_samples=0"), quantized("search_samples=16")
     assert searched.annotations["activation_ranges"]
 
@@ -299,6 +299,21 @@ def test_range_search_requantizes_the_biases_that_depend_on_a_new_range(monkeypa
         assert np.all(np.abs(b - b0) <= (scale + scale0) / 2 * (1 + 1e-6))
         moved += not np.array_equal(scale, scale0)
     assert moved >= 1
+
+
+def test_range_search_thresholds_keep_the_chance_of_a_noise_pass_under_5_percent():
+    """Bonferroni over each stage's trials: a cut of 2.5 standard errors is real among
+    the first stage's 3 trials (one rule for all tensors), noise among 36."""
+    from qcompile.passes.quantize.range_search import _accept, _t, _z
+
+    assert 2.12 < _z(3) < 2.14 and 2.98 < _z(36) < 3.0 and _z(300) > 3.4
+    rng = np.random.default_rng(1)
+    noise = rng.standard_normal(200)
+    noise = (noise - noise.mean()) / noise.std(ddof=1)
+    best = np.full(200, 10.0)
+    err = best - (0.5 + (0.5 * np.sqrt(200) / 2.5) * noise)  # mean cut 0.5 (5%), t = 2.5
+    assert abs(_t(best, err) - 2.5) < 1e-9
+    assert _accept(best, err, _z(3)) and not _accept(best, err, _z(36))
 
 
 def test_range_search_accepts_only_cuts_above_the_noise():

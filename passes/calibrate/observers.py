@@ -294,27 +294,43 @@ def _xlogx(x: np.ndarray) -> np.ndarray:
         return np.where(x > 0, x * np.log(np.where(x > 0, x, 1)), 0.0)
 
 
-def mse_range(hist: Histogram, bits: int = 8, max_bins: int = 2048) -> Range:
-    """The threshold T (a bin edge of the magnitude histogram) minimising
-    sum_{|x|>T} (|x| - T)^2 + N_inside * Delta(T)^2 / 12, with Delta = 2T / (2^bits - 2)
-    for signed tensors ([-T, T], symmetric levels) and T / (2^bits - 1) for
-    non-negative ones; bins are represented by their centres."""
-    h, w, signed = hist.magnitude(max_bins)
-    c = (np.arange(len(h)) + 0.5) * w
-    t = np.arange(1, len(h) + 1) * w  # candidate thresholds: upper bin edges
-    # tail sums over bins j >= i (the bins above threshold i*w)
-    s0 = np.cumsum(h[::-1])[::-1]
-    s1 = np.cumsum((h * c)[::-1])[::-1]
-    s2 = np.cumsum((h * c * c)[::-1])[::-1]
-    tail0 = np.append(s0[1:], 0.0)
-    tail1 = np.append(s1[1:], 0.0)
-    tail2 = np.append(s2[1:], 0.0)
-    clip = tail2 - 2 * t * tail1 + t * t * tail0
-    steps = (2 ** bits - 2) / 2 if signed else 2 ** bits - 1
-    delta = t / steps
-    noise = (s0[0] - tail0) * delta * delta / 12.0
-    best = int(np.argmin(clip + noise))
-    return _magnitude_range(float(t[best]), signed)
+def mse_range(hist: Histogram, bits: int = 8, max_bins: int = 1024) -> Range:
+    """The range [lo, hi] (bin edges, lo <= 0 <= hi) minimising the expected squared
+    error of asymmetric quantization to 2^bits levels, as activations are quantized
+    (a zero point, the range widened to hold 0):
+        sum_{x < lo} (lo - x)^2 + sum_{x > hi} (x - hi)^2 + N_inside * Delta^2 / 12,
+    Delta = (hi - lo) / (2^bits - 1); bins are represented by their centres. A symmetric
+    [-T, T] would spend half the levels on the short side of a skewed tensor (a
+    residual sum, a Conv output before its activation). All (lo, hi) pairs of the
+    histogram merged to at most `max_bins` bins (0 stays an edge) are tried at once."""
+    counts, first = hist.counts.astype(np.float64), hist.lo
+    factor = max(1, math.ceil(len(counts) / max_bins))
+    if factor > 1:  # merge by `factor`, the grid still aligned to 0
+        front = first % factor
+        counts = np.concatenate([np.zeros(front), counts, np.zeros((-(front + len(counts))) % factor)])
+        counts, first = counts.reshape(-1, factor).sum(axis=1), (first - front) // factor
+    width = hist.width * factor
+    used = np.flatnonzero(counts)
+    if not len(used):
+        return 0.0, 0.0
+    counts = counts[used[0]:used[-1] + 1]
+    first += int(used[0])
+    edges = (first + np.arange(len(counts) + 1)) * width
+    centres = (edges[:-1] + edges[1:]) / 2
+    # prefix sums over the bins below edge i, suffix sums over the bins above edge k
+    p0, p1, p2 = (np.concatenate([[0.0], np.cumsum(counts * centres ** m)]) for m in (0, 1, 2))
+    total0, total1, total2 = p0[-1], p1[-1], p2[-1]
+    lows = np.flatnonzero(edges <= 0) if edges[0] <= 0 else np.array([0])
+    highs = np.flatnonzero(edges >= 0) if edges[-1] >= 0 else np.array([len(edges) - 1])
+    lo_e, hi_e = np.minimum(edges[lows], 0.0), np.maximum(edges[highs], 0.0)
+    clip_lo = p2[lows] - 2 * lo_e * p1[lows] + lo_e ** 2 * p0[lows]
+    t0, t1, t2 = total0 - p0[highs], total1 - p1[highs], total2 - p2[highs]
+    clip_hi = t2 - 2 * hi_e * t1 + hi_e ** 2 * t0
+    inside = total0 - p0[lows][:, None] - t0[None, :]
+    delta = (hi_e[None, :] - lo_e[:, None]) / (2 ** bits - 1)
+    cost = clip_lo[:, None] + clip_hi[None, :] + inside * delta ** 2 / 12.0
+    i, k = np.unravel_index(int(np.argmin(cost)), cost.shape)
+    return float(lo_e[i]), float(hi_e[k])
 
 
 # -- the per-tensor bundle -------------------------------------------------------------

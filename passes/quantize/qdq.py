@@ -30,7 +30,7 @@ What it rewrites, for every Conv, Gemm and MatMul whose weight is a constant:
      redundant keeps its tensor at int8. Each widening is listed with its reason.
   4b. A MatMul of two activations (attention's Q.K^T and P.V) gets Q->DQ pairs on both
      inputs and its output.
-  4b'. With `search_samples=N` (default 64), each int8 activation's range is then
+  4b'. With `search_samples=N` (default 256), each int8 activation's range is then
      re-chosen among the calibration rules by the output error it causes on N
      calibration samples (range_search.py).
   4c. Inputs and outputs of the data-movement and elementwise ops between them (Add, Mul,
@@ -122,7 +122,7 @@ class Quantize(Pass):
     min_activation_sqnr: float = option(0.0, "sensitive tensors: an activation whose SQNR, estimated from its "
                                              "calibration histogram, falls below this many dB gets a wider type "
                                              "(int4 -> int8 -> int16)")
-    search_samples: int = option(64, "activation range search: each int8 activation takes the calibration rule "
+    search_samples: int = option(256, "activation range search: each int8 activation takes the calibration rule "
                                      "(min/max, percentile, MSE) that least hurts the model's output on this many "
                                      "calibration samples; 0 keeps calibrate's method", choices=range(0, 1 << 30))
     search_seconds: float = option(60.0, "time budget of the activation range search (seconds)")
