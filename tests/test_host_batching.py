@@ -35,11 +35,14 @@ def _one_node(op, inputs, output_shape, inits=(), opset=17, **attrs):
     # a constant operand of full rank that Concat would have to repeat per inference
     (_one_node("Concat", [("x", [1, 3])], [1, 5], inits=[("c", np.ones((1, 2), np.float32))], axis=1), False),
     (_one_node("Concat", [("x", [1, 3]), ("z", [1, 2])], [1, 5], axis=1), True),
-    (_one_node("Concat", [("x", [1, 3]), ("z", [1, 2])], [2, 3], axis=0), False),
+    (_one_node("Concat", [("x", [1, 3])], [1, 3], axis=0), False),   # along the batch axis
+    (_one_node("Flatten", [("x", [1, 2, 3, 4])], [1, 24], axis=1), True),
+    (_one_node("Flatten", [("x", [1, 2, 3, 4])], [1, 24]), True),      # axis 1 by default
+    (_one_node("Flatten", [("x", [1, 2, 3, 4])], [1, 24], axis=0), False),
     (_one_node("Softmax", [("x", [1, 6])], [1, 6], axis=-1), True),
     (_one_node("Softmax", [("x", [1, 6])], [1, 6], axis=0), False),
     (_one_node("Transpose", [("x", [1, 2, 3])], [1, 3, 2], perm=[0, 2, 1]), True),
-    (_one_node("Transpose", [("x", [1, 2, 3])], [2, 1, 3], perm=[1, 0, 2]), False),
+    (_one_node("Transpose", [("x", [1, 1, 3])], [1, 1, 3], perm=[1, 0, 2]), False),  # moves the batch axis
     (_one_node("ReduceSum", [("x", [1, 6])], [1, 1]), False),         # not a known per-sample op
     (_one_node("Relu", [("x", [2, 3])], [2, 3]), False),              # dimension 0 is not 1
 ])

@@ -438,6 +438,13 @@ def test_sum_becomes_a_chain_of_adds_with_the_same_outputs():
     model, _ = rewrite(three, SUM_ADD)
     assert ops(model.graph) == ["Add", "Add"]
     check_numbers(three, model)
+    # two unnamed Sums: their intermediate Adds get distinct names
+    both = build([helper.make_node("Sum", ["a", "b", "c"], ["s"]), helper.make_node("Sum", ["s", "b", "c"], ["y"])],
+                 {"a": [2, 3], "b": [2, 3], "c": [3]}, {"y": [2, 3]})
+    model, _ = rewrite(both, SUM_ADD)
+    names = [n.name for n in model.graph.nodes if n.name]
+    assert ops(model.graph) == ["Add"] * 4 and len(names) == 2 and len(set(names)) == 2
+    check_numbers(both, model)
 
 
 def test_sum_left_alone():

@@ -33,7 +33,7 @@ _BATCHED = {
     "qcompile.int": {"QAveragePool"},
 }
 _CHUNK_BYTES = 1 << 19     # tensor bytes of the inferences run together (they stay in cache)
-_AXIS_DEFAULT = {"Concat": None, "Flatten": 1, "LayerNormalization": -1, "Quantize": 1, "Dequantize": 1}
+_AXIS_DEFAULT = {"Concat": None, "Flatten": 1, "LayerNormalization": -1}
 
 
 def _batchable(proto) -> bool:
@@ -55,7 +55,8 @@ def _batchable(proto) -> bool:
         dims = v.type.tensor_type.shape.dim
         if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value != 1:
             return False
-        ranks.add(len(dims))
+        if node.op_type != "Flatten" or v in g.input:   # Flatten changes the rank, by its definition
+            ranks.add(len(dims))
     if len(ranks) != 1:      # a fed tensor of lower rank would broadcast the stacked batch onto another axis
         return False
     rank = ranks.pop()

@@ -42,8 +42,9 @@ def _rewrite(m: Match, graph: Graph) -> List[Value]:
     node = m["sum"]
     acc = node.inputs[0]
     last = len(node.inputs) - 1
+    base = node.name or graph.unique_name("sum")  # unnamed Sums must not give their Adds the same names
     for i, x in enumerate(node.inputs[1:], start=1):
-        name = node.name if i == last else f"{node.name or 'sum'}/add{i}"
+        name = node.name if i == last else f"{base}/add{i}"
         acc = m.emit("Add", [acc, x], name=name).outputs[0]
     return [acc]
 
