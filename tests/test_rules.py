@@ -424,6 +424,62 @@ def test_canonicalize_rules_can_be_disabled():
         PassManager.parse("canonicalize{disable=fold-bn}")
 
 
+# -- Conv + per-channel Mul/Add (BatchNormalization spelled out) ---------------------------
+def conv_affine_model(ops_and_constants, bias=True, channels=(4, 6), group=1, seed=0, extra=False, swap=False):
+    """Conv, then each (op, constant) in turn: Mul/Add by the constant."""
+    rng = np.random.default_rng(seed)
+    cin, cout = channels
+    inits = {"w": rng.standard_normal([cout, cin // group, 3, 3]).astype(np.float32)}
+    if bias:
+        inits["b"] = rng.standard_normal(cout).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"] + (["b"] if bias else []), ["t0"], name="conv", group=group,
+                              pads=[1, 1, 1, 1])]
+    for i, (op, c) in enumerate(ops_and_constants):
+        inits[f"k{i}"] = np.asarray(c, np.float32)
+        args = [f"k{i}", f"t{i}"] if swap else [f"t{i}", f"k{i}"]
+        nodes.append(helper.make_node(op, args, [f"t{i + 1}"], name=f"{op.lower()}{i}"))
+    outputs = {f"t{len(ops_and_constants)}": [2, cout, 5, 5]}
+    if extra:
+        nodes.append(helper.make_node("Relu", ["t0"], ["r"], name="other"))
+        outputs["r"] = [2, cout, 5, 5]
+    return build(nodes, {"x": [2, cin, 5, 5]}, outputs, inits)
+
+
+_R = np.random.default_rng(7)
+
+
+@pytest.mark.parametrize("steps, kwargs", [
+    ([("Mul", _R.uniform(0.5, 2, (6, 1, 1))), ("Add", _R.standard_normal((6, 1, 1)))], {}),
+    ([("Mul", _R.uniform(0.5, 2, (1, 6, 1, 1))), ("Add", _R.standard_normal((1, 6, 1, 1)))], {"bias": False}),
+    ([("Mul", 1.5), ("Add", [0.25])], {}),
+    ([("Mul", _R.uniform(0.5, 2, (6, 1, 1)))], {"channels": (6, 6), "group": 6, "swap": True}),
+], ids=["per-channel", "rank-4-no-bias", "scalars", "depthwise-commuted"])
+def test_conv_then_per_channel_mul_add_folds_into_the_conv(steps, kwargs):
+    from qcompile.passes.rules import CONV_AFFINE
+
+    proto = conv_affine_model(steps, **kwargs)
+    model, report = rewrite(proto, CONV_AFFINE)
+    assert ops(model.graph) == ["Conv"] and sum(report.counts.values()) == len(steps)
+    assert len(model.graph.initializers) == 2  # W' and b'
+    check_numbers(proto, model, **FOLD_TOL)
+
+
+@pytest.mark.parametrize("steps, kwargs, reason", [
+    ([("Mul", _R.uniform(0.5, 2, (1, 1, 5, 5)))], {}, "is not one value per output channel"),
+    ([("Add", _R.standard_normal((2, 6, 1, 1)))], {}, "is not one value per output channel"),
+    ([("Mul", _R.uniform(0.5, 2, (6,)))], {}, "is not one value per output channel"),
+    ([("Mul", _R.uniform(0.5, 2, (1, 1, 6, 1, 1)))], {}, "would broadcast the rank-4 Conv output"),
+    ([("Add", _R.standard_normal((6, 1, 1)))], {"extra": True}, "conv output %t0 has 2 users"),
+], ids=["spatial", "batch", "last-axis", "higher-rank", "two-users"])
+def test_conv_then_mul_add_left_alone(steps, kwargs, reason):
+    from qcompile.passes.rules import CONV_AFFINE
+
+    proto = conv_affine_model(steps, **kwargs)
+    model, report = rewrite(proto, CONV_AFFINE)
+    assert ops(model.graph)[:2] == ["Conv", steps[0][0]] and not report.fired
+    assert any(reason in m.reason for m in report.misses), [m.reason for m in report.misses]
+
+
 # -- Sum -> Add ------------------------------------------------------------------------
 def test_sum_becomes_a_chain_of_adds_with_the_same_outputs():
     from qcompile.passes.rules import SUM_ADD
