@@ -375,6 +375,24 @@ def test_single_tile_gemm_cycles_follow_scalesim_closed_forms(dataflow, m, k, n)
     assert cycles == scalesim + 1
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=6), st.lists(st.integers(1, 300), min_size=1, max_size=6),
+       st.lists(st.integers(1, 600), min_size=1, max_size=6), st.sampled_from([(32, 32), (8, 16), (4, 4)]),
+       st.booleans())
+def test_tiling_cost_model_sums_the_simulators_closed_forms_over_every_tile(ms, ns, ks, array, os_flow):
+    """The lowering's cost model (its sums factored per axis) equals the simulator's
+    matrix cycles summed over every (M, N, K) tile, the fill on each output tile's first
+    K chunk only (output-stationary)."""
+    from qcompile.backend.lowering._tiling import matrix_cycles
+
+    r, c = array
+    flow = "output-stationary" if os_flow else "weight-stationary"
+    want = sum(matmul_cycles(m, k, n, r, c, flow, fill=(not os_flow or j == 0))
+               for m in ms for n in ns for j, k in enumerate(ks))
+    got = matrix_cycles(*(np.asarray(v, np.int64) for v in (ms, ns, ks)), r, c, os_flow)
+    assert got == want
+
+
 def test_output_stationary_k_chunks_add_up_to_one_tile():
     """Splitting K into chunks (fill only on the first) costs what one instruction costs."""
     whole = matmul_cycles(100, 300, 40, 32, 32, "output-stationary", True)

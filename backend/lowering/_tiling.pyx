@@ -14,23 +14,26 @@ cdef inline int64_t _cdiv(int64_t a, int64_t b):
 
 def matrix_cycles(int64_t[::1] m_sizes, int64_t[::1] n_sizes, int64_t[::1] k_sizes, int rows, int cols,
                   bint output_stationary):
-    """Matrix-unit cycles of every (M, N, K) tile: output-stationary
+    """Matrix-unit cycles summed over every (M, N, K) tile: output-stationary
     ceil(M/R) ceil(N/C) K plus the fill (R + C - 2) per fold on the first K chunk;
-    weight-stationary ceil(K/R) ceil(N/C) (M + 2R + C - 2)."""
-    cdef Py_ssize_t i, j, k
-    cdef int64_t total = 0, folds
+    weight-stationary ceil(K/R) ceil(N/C) (M + 2R + C - 2). Both sums factor into
+    one sum per axis, so the cost is linear in the tile counts, not their product
+    (a 224x224 convolution has thousands of tiles per candidate)."""
+    cdef Py_ssize_t i, j
+    cdef int64_t sm = 0, sn = 0, sk = 0
+    for j in range(n_sizes.shape[0]):
+        sn += _cdiv(n_sizes[j], cols)
+    if output_stationary:
+        for i in range(m_sizes.shape[0]):
+            sm += _cdiv(m_sizes[i], rows)
+        for i in range(k_sizes.shape[0]):
+            sk += k_sizes[i]
+        return sm * sn * (sk + (rows + cols - 2 if k_sizes.shape[0] else 0))
+    for i in range(k_sizes.shape[0]):
+        sk += _cdiv(k_sizes[i], rows)
     for i in range(m_sizes.shape[0]):
-        for j in range(n_sizes.shape[0]):
-            for k in range(k_sizes.shape[0]):
-                if output_stationary:
-                    folds = _cdiv(m_sizes[i], rows) * _cdiv(n_sizes[j], cols)
-                    total += folds * k_sizes[k]
-                    if k == 0:
-                        total += folds * (rows + cols - 2)
-                else:
-                    folds = _cdiv(k_sizes[k], rows) * _cdiv(n_sizes[j], cols)
-                    total += folds * (m_sizes[i] + 2 * rows + cols - 2)
-    return total
+        sm += m_sizes[i] + 2 * rows + cols - 2
+    return sk * sn * sm
 
 
 def estimate(int64_t[::1] m_sizes, int64_t[::1] n_sizes, int64_t[::1] k_sizes, int rows, int cols,

@@ -20,7 +20,7 @@ ONNX QuantizeLinear does, so onnxruntime reproduces the integers exactly.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
@@ -94,8 +94,27 @@ def _round_clip(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qma
     return np.clip(np.rint(x / scale[:, None]) + zp[:, None], qmin, qmax)
 
 
+def _blocks(n: int, k: int) -> Iterator[Tuple[slice, slice]]:
+    """(rows, columns) blocks of about _BLOCK elements covering an [n, k] array."""
+    rows = max(1, _BLOCK // max(1, k))
+    cols = max(1, k if rows > 1 or k <= _BLOCK else _BLOCK)
+    for i in range(0, n, rows):
+        for j in range(0, max(k, 1), cols):
+            yield slice(i, i + rows), slice(j, j + cols)
+
+
+def _quantized(w2: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int, dtype) -> np.ndarray:
+    """_round_clip of float32 `w2`, in float64 as the scale search computes it, one block at
+    a time into `dtype` (a whole-weight float64 copy and its temporaries cost vgg19 several
+    GB of page faults)."""
+    out = np.empty(w2.shape, dtype)
+    for r, c in _blocks(*w2.shape):
+        out[r, c] = _round_clip(w2[r, c].astype(np.float64), scale[r], zp[r], qmin, qmax)
+    return out
+
+
 def _symmetric_scales(w2: np.ndarray, fmt: WeightFormat) -> np.ndarray:
-    absmax = np.maximum(np.abs(w2).max(axis=1), _TINY)
+    absmax = np.maximum(np.abs(w2).max(axis=1).astype(np.float64), _TINY)
     qmax = fmt.qmax
     best = (absmax / qmax).astype(np.float32)
     if fmt.search == "minmax":
@@ -105,7 +124,7 @@ def _symmetric_scales(w2: np.ndarray, fmt: WeightFormat) -> np.ndarray:
     # cache (a 4096x9216 Gemm weight at int4 took 47 s, now about 4x less; same scales)
     rows = max(1, _BLOCK // max(1, w2.shape[1]))
     for i in range(0, len(w2), rows):
-        x, top = w2[i:i + rows], absmax[i:i + rows]
+        x, top = w2[i:i + rows].astype(np.float64), absmax[i:i + rows]
         q = np.empty(x.shape, np.result_type(x.dtype, np.float32))
         diff = np.empty(x.shape, np.float64)
         best_err = np.full(len(x), np.inf)
@@ -155,19 +174,19 @@ def quantize_weight(w: np.ndarray, fmt: WeightFormat) -> Tuple[np.ndarray, Quant
             raise ValueError(f"quantization axis {axis} is out of range for a weight of shape {w.shape}")
         else:
             axis = axis % w.ndim
-    w2 = _channels_first(w, axis).astype(np.float64)
+    w2 = _channels_first(w, axis)  # float32; blocks are widened to float64 where it matters
     channels = w2.shape[0]
     if fmt.dtype.kind == "bipolar":
-        scale = np.maximum(np.abs(w2).mean(axis=1), _TINY).astype(np.float32)
+        scale = np.maximum(np.abs(w2.astype(np.float64)).mean(axis=1), _TINY).astype(np.float32)
         zp = np.zeros(channels)
         q = np.where(w2 >= 0, 1.0, -1.0)
     elif fmt.symmetric:
         scale = _symmetric_scales(w2, fmt)
         zp = np.zeros(channels)
-        q = _round_clip(w2, scale, zp, fmt.qmin, fmt.qmax)
+        q = _quantized(w2, scale, zp, fmt.qmin, fmt.qmax, fmt.dtype.numpy_dtype)
     else:
-        scale, zp = _asymmetric_params(w2, fmt)
-        q = _round_clip(w2, scale, zp, fmt.qmin, fmt.qmax)
+        scale, zp = _asymmetric_params(w2.astype(np.float64), fmt)
+        q = _quantized(w2, scale, zp, fmt.qmin, fmt.qmax, fmt.dtype.numpy_dtype)
     if fmt.dtype.kind != "bipolar":
         # an all-zero channel (a pruned filter) is exact at any scale: give it a typical
         # one, not the tiny floor, so that its int32 bias (scale s_in * s_w) does not

@@ -40,7 +40,11 @@ def upgrade_opset(model: Model, version: int) -> Model:
         raise QCompileError(
             f"{name}: cannot upgrade to opset {version}: the installed onnx knows opsets up to {latest}"
         )
-    proto = to_proto(model)
+    # the converter copies the whole model, weights included (8 of vgg19's 9 s): it gets
+    # the large weights as typed inputs without data, and they come back afterwards
+    carried = {v.name: v for v in model.graph.initializers.values() if _numel(v.const.shape) > _WEIGHTS_OVER} \
+        if version > before else {}
+    proto = to_proto(model, weights_as_inputs_over=_WEIGHTS_OVER if carried else None)
     if version > before:
         _check_ops_known(proto.graph, name)
         try:
@@ -53,6 +57,7 @@ def upgrade_opset(model: Model, version: int) -> Model:
         converted.ir_version = max(proto.ir_version, needed)
         proto = converted
     result = from_proto(proto, base_dir=_base_dir(model), source=name)
+    _restore_weights(result.graph, carried)
     result.path = model.path
     result.annotations = dict(model.annotations)
     if version > before:
@@ -61,6 +66,31 @@ def upgrade_opset(model: Model, version: int) -> Model:
             _lift_new_constants(result, {v.name for g in model.graph.walk() for v in g.values()})
         log.info("upgraded %s from opset %d to %d", name, before, version)
     return result
+
+
+_WEIGHTS_OVER = 4096  # elements: shapes, axes, pads and scales, which adapters may read, stay in the proto
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _restore_weights(graph: Graph, carried: dict) -> None:
+    """Make the typed inputs that stood in for `carried` initializers initializers again,
+    holding the original tensors (not copied); an IR<4 initializer that is also a graph
+    input stays one."""
+    placeholders = {v.name: v for v in graph.inputs}
+    for name, old in carried.items():
+        v = placeholders.get(name)
+        if v is None:  # the converter dropped it (no longer used)
+            continue
+        v.const = old.const
+        graph.add_initializer(v)
+        if not old.is_graph_input:
+            graph.inputs.remove(v)
 
 
 def _restore_annotations(old: Graph, new: Graph) -> None:
