@@ -112,27 +112,15 @@ def test_light_model_compiles_and_runs_from_the_command_line(tmp_path, name):
 
 
 def _torch_model(tmp_path, name):
-    torch = pytest.importorskip("torch")
-    from torch_models import BUILDERS
+    pytest.importorskip("torch")
+    from torch_models import exported, sample_feeds
 
     import qcompile
 
-    module, args = BUILDERS[name]()
-    names = ["x", "mask"][:len(args)]
-    model = qcompile.from_torch(module, args, input_names=names, output_names=["y"],
-                                dynamic_axes={**{n: {0: "N"} for n in names}, "y": {0: "N"}})
+    model, args = exported(name)
     path = tmp_path / f"{name}.onnx"
     qcompile.save(model, str(path))
-    gen = torch.Generator().manual_seed(0)
-
-    def data(n):
-        d = {"x": torch.randn(n, 1, *args[0].shape[1:], generator=gen).numpy()}
-        if len(args) > 1:  # padding masks: every other sample has its last positions masked
-            mask = np.zeros((n, 1, args[1].shape[1]), bool)
-            mask[::2, :, 4:] = True
-            d["mask"] = mask
-        return d
-
+    data = sample_feeds(args, sample_axis=True)
     return path, data(16), data(4)
 
 

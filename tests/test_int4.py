@@ -260,21 +260,10 @@ def test_packed_int4_weights_and_the_int8_container_fallback(tmp_path):
 def test_int4_activations_on_torch_models(name, tmp_path):
     """MobileNet's ReLU6 Clips are redundant at their 4-bit scale and dropped (onnxruntime
     cannot fuse a Clip with an int4 Q); the transformer keeps its host float ops."""
-    torch = pytest.importorskip("torch")
-    from torch_models import BUILDERS
-    module, args = BUILDERS[name]()
-    names = ["x", "mask"][:len(args)]
-    model = qcompile.from_torch(module, args, input_names=names, output_names=["y"],
-                                dynamic_axes={**{n: {0: "N"} for n in names}, "y": {0: "N"}})
-    gen = torch.Generator().manual_seed(0)
-
-    def data(n):
-        d = {"x": torch.randn(n, *args[0].shape[1:], generator=gen).numpy()}
-        if len(args) > 1:
-            mask = np.zeros((n, args[1].shape[1]), bool)
-            mask[::2, 4:] = True
-            d["mask"] = mask
-        return d
+    pytest.importorskip("torch")
+    from torch_models import exported, sample_feeds
+    model, args = exported(name)
+    data = sample_feeds(args)
 
     np.savez(tmp_path / "calib.npz", **data(48))
     qdq = qcompile.PassManager.parse(

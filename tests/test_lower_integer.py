@@ -330,21 +330,10 @@ def _expose_last_dequantized(proto):
 
 
 def _torch_case(name, tmp_path):
-    torch = pytest.importorskip("torch")
-    from torch_models import BUILDERS  # tests/ is on sys.path (rootdir-relative imports, as test_torch_import)
-    module, args = BUILDERS[name]()
-    names = ["x", "mask"][:len(args)]
-    model = qcompile.from_torch(module, args, input_names=names, output_names=["y"],
-                                dynamic_axes={**{n: {0: "N"} for n in names}, "y": {0: "N"}})
-    gen = torch.Generator().manual_seed(0)
-
-    def data(n):
-        d = {"x": torch.randn(n, *args[0].shape[1:], generator=gen).numpy()}
-        if len(args) > 1:  # the transformer's key padding mask: every other sequence padded after 4
-            mask = np.zeros((n, args[1].shape[1]), bool)
-            mask[::2, 4:] = True
-            d["mask"] = mask
-        return d
+    pytest.importorskip("torch")
+    from torch_models import exported, sample_feeds  # tests/ is on sys.path (rootdir-relative imports)
+    model, args = exported(name)
+    data = sample_feeds(args)
 
     calib, evals = data(64), data(128)
     np.savez(tmp_path / "calib.npz", **calib)

@@ -319,24 +319,11 @@ def test_a_layer_no_tiling_fits_runs_on_the_host(monkeypatch):
 
 def _torch_integer(name):
     pytest.importorskip("torch")
-    import torch
-
     sys.path.insert(0, os.path.dirname(__file__))
-    from torch_models import BUILDERS
+    from torch_models import exported, sample_feeds
 
-    module, args = BUILDERS[name]()
-    names = ["x", "mask"][:len(args)]
-    model = qcompile.from_torch(module, args, input_names=names, output_names=["y"],
-                                dynamic_axes={**{n: {0: "N"} for n in names}, "y": {0: "N"}})
-    gen = torch.Generator().manual_seed(0)
-
-    def data(n):
-        d = {"x": torch.randn(n, 1, *args[0].shape[1:], generator=gen).numpy()}
-        if len(args) > 1:
-            mask = np.zeros((n, 1, args[1].shape[1]), bool)
-            mask[::2, :, 4:] = True
-            d["mask"] = mask
-        return d
+    model, args = exported(name)
+    data = sample_feeds(args, sample_axis=True)
 
     calib = data(16)
     model.annotations["calibration_data"] = [{k: v[i] for k, v in calib.items()} for i in range(16)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -160,3 +161,34 @@ BUILDERS: Dict[str, Callable[[], Tuple[nn.Module, tuple]]] = {
     "gru": gru,
     "mobilenet": mobilenet,
 }
+
+
+def exported(name: str):
+    """BUILDERS[name] through qcompile.from_torch, inputs `x` (and the transformer's
+    `mask`) and output `y` with a symbolic batch axis: (model, example inputs)."""
+    import qcompile
+
+    module, args = BUILDERS[name]()
+    names = ["x", "mask"][:len(args)]
+    model = qcompile.from_torch(module, args, input_names=names, output_names=["y"],
+                                dynamic_axes={**{n: {0: "N"} for n in names}, "y": {0: "N"}})
+    return model, args
+
+
+def sample_feeds(args: tuple, sample_axis: bool = False, seed: int = 0) -> Callable[[int], Dict[str, np.ndarray]]:
+    """A function n -> n random feeds shaped like the example inputs `args`, from one
+    seeded generator: `x` normal, the transformer's key padding `mask` with every other
+    sequence padded after position 4. `sample_axis`: each sample keeps a batch axis of 1
+    (N x the input's shape, the .npz convention of samples run one by one)."""
+    gen = torch.Generator().manual_seed(seed)
+    lead = (1,) if sample_axis else ()
+
+    def data(n: int) -> Dict[str, np.ndarray]:
+        d = {"x": torch.randn(n, *lead, *args[0].shape[1:], generator=gen).numpy()}
+        if len(args) > 1:
+            mask = np.zeros((n, *lead, args[1].shape[1]), bool)
+            mask[::2, ..., 4:] = True
+            d["mask"] = mask
+        return d
+
+    return data
