@@ -6,7 +6,12 @@ from typing import Optional, Union
 from qcompile.ir import Node, TensorType, Value
 from qcompile.rewrite import Failure, constant_value, fail
 
-__all__ = ["bn_inference_failure", "is_graph_output", "only_user", "rank"]
+__all__ = ["bn_inference_failure", "conv_bias", "is_graph_output", "only_user", "rank"]
+
+
+def conv_bias(conv: Node) -> Optional[Value]:
+    """The bias input of a Conv, or None."""
+    return conv.inputs[2] if len(conv.inputs) > 2 else None
 
 
 def is_graph_output(value: Value) -> bool:

@@ -26,14 +26,14 @@ Left alone:
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Union
+from typing import List, Union
 
 import numpy as np
 
 from qcompile.ir import Graph, Node, Value
 from qcompile.rewrite import Const, Failure, Match, Op, Rule, RuleSet, Var, constant_value, fail
 
-from ._util import only_user, rank
+from ._util import conv_bias, only_user, rank
 
 __all__ = ["CONV_AFFINE", "FOLD_CONV_ADD", "FOLD_CONV_MUL"]
 
@@ -41,10 +41,6 @@ __all__ = ["CONV_AFFINE", "FOLD_CONV_ADD", "FOLD_CONV_MUL"]
 def _pattern(op: str) -> Op:
     return Op(op, Op("Conv", Var("x"), Const("w"), name="conv", extra_inputs=True), Const("c"),
               name="affine", commutative=True)
-
-
-def _conv_bias(conv: Node) -> Optional[Value]:
-    return conv.inputs[2] if len(conv.inputs) > 2 else None
 
 
 def _per_channel(m: Match) -> Union[np.ndarray, Failure]:
@@ -70,7 +66,7 @@ def _per_channel(m: Match) -> Union[np.ndarray, Failure]:
 
 def _check(m: Match) -> Union[bool, Failure]:
     conv: Node = m["conv"]
-    bias = _conv_bias(conv)
+    bias = conv_bias(conv)
     if bias is not None and constant_value(bias) is None:
         return fail(f"the Conv bias %{bias.name} is not a constant", conv, bias)
     if m.const("w").dtype.kind != "f":
@@ -87,7 +83,7 @@ def _rewrite(m: Match, graph: Graph) -> List[Value]:
     conv: Node = m["conv"]
     w = m.const("w")
     c = _per_channel(m)
-    bias = _conv_bias(conv)
+    bias = conv_bias(conv)
     b = np.zeros(w.shape[0]) if bias is None else constant_value(bias).astype(np.float64)
     bias_name = f"{m['w'].name}_bias" if bias is None else bias.name
     inputs = [m["x"], m["w"]]

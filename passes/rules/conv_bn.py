@@ -26,14 +26,14 @@ Left alone:
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Union
+from typing import List, Union
 
 import numpy as np
 
 from qcompile.ir import Graph, Node, Value
 from qcompile.rewrite import Const, Failure, Match, Op, Rule, RuleSet, Var, constant_value, fail
 
-from ._util import bn_inference_failure, only_user
+from ._util import bn_inference_failure, conv_bias, only_user
 
 __all__ = ["CONV_BN", "FOLD_CONV_BN"]
 
@@ -45,17 +45,13 @@ PATTERN = Op(
 )
 
 
-def _conv_bias(conv: Node) -> Optional[Value]:
-    return conv.inputs[2] if len(conv.inputs) > 2 else None
-
-
 def _check(m: Match) -> Union[bool, Failure]:
     bn: Node = m["bn"]
     conv: Node = m["conv"]
     not_inference = bn_inference_failure(bn, m.opset)
     if not_inference is not None:
         return not_inference
-    bias = _conv_bias(conv)
+    bias = conv_bias(conv)
     if bias is not None and constant_value(bias) is None:
         return fail(f"the Conv bias %{bias.name} is not a constant", conv, bias)
     single = only_user(m.value("conv"), "conv output")
@@ -83,7 +79,7 @@ def _rewrite(m: Match, graph: Graph) -> List[Value]:
     conv: Node = m["conv"]
     w = m.const("w")
     gamma, beta, mean, var = (m.const(k).astype(np.float64) for k in ("gamma", "beta", "mean", "var"))
-    bias = _conv_bias(conv)
+    bias = conv_bias(conv)
     b = np.zeros_like(mean) if bias is None else constant_value(bias).astype(np.float64)
     s = gamma / np.sqrt(var + float(bn.attr("epsilon", 1e-5)))
     w_folded = (w.astype(np.float64) * s.reshape((-1,) + (1,) * (w.ndim - 1))).astype(w.dtype)

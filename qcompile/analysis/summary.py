@@ -75,10 +75,6 @@ def _io(v: Value) -> Dict[str, str]:
     return {"name": v.name, "dtype": str(t) if t is not None else "?", "shape": None}
 
 
-def _numel(t: Tensor) -> int:
-    return int(np.prod(t.shape, dtype=np.int64))
-
-
 def _node_tensors(node: Node) -> List[Tensor]:
     found = []
     for a in node.attributes.values():
@@ -103,7 +99,7 @@ def summarize(model: Model) -> ModelSummary:
 
     def add_params(t: Tensor) -> None:
         entry = by_dtype.setdefault(str(t.dtype), {"count": 0, "bytes": 0})
-        entry["count"] += _numel(t)
+        entry["count"] += t.numel
         entry["bytes"] += t.nbytes
 
     for g in graph.walk():
@@ -114,8 +110,8 @@ def summarize(model: Model) -> ModelSummary:
             tensors = _node_tensors(n)
             for t in tensors:
                 add_params(t)
-            params = sum(_numel(v.const) for v in n.inputs if v is not None and v.is_initializer)
-            params += sum(_numel(t) for t in tensors)
+            params = sum(v.const.numel for v in n.inputs if v is not None and v.is_initializer)
+            params += sum(t.numel for t in tensors)
             macs = node_macs(n)
             if macs is None:
                 unknown.append(n.name or n.op_type)

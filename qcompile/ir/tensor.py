@@ -56,10 +56,14 @@ class Tensor:
         return tuple(self._array.shape)
 
     @property
+    def numel(self) -> int:
+        """Number of elements (1 for a scalar)."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the data as ONNX stores it (sub-byte types packed)."""
-        n = int(np.prod(self.shape, dtype=np.int64))
-        return (n * self.dtype.bits + 7) // 8
+        return (self.numel * self.dtype.bits + 7) // 8
 
     @property
     def is_external(self) -> bool:

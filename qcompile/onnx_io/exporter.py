@@ -13,7 +13,6 @@ import os
 import shutil
 from typing import Dict, Optional, Set
 
-import numpy as np
 import onnx
 from onnx import external_data_helper
 
@@ -130,7 +129,7 @@ def _export_graph(g: Graph, gp: onnx.GraphProto, external: Dict[str, str], input
     for v in g.inputs:
         gp.input.append(_value_info(v))
     for name, v in g.initializers.items():
-        if inputs_over is not None and _numel(v.const.shape) > inputs_over:
+        if inputs_over is not None and v.const.numel > inputs_over:
             if not v.is_graph_input:
                 gp.input.append(onnx.helper.make_tensor_value_info(name, v.const.dtype.onnx_type, list(v.const.shape)))
             continue
@@ -205,10 +204,6 @@ def _unchanged(kept: KeptInfo) -> bool:
     the same name with the type it had after import."""
     v = kept.value
     return v is not None and v.owning_graph() is not None and v.name == kept.proto.name and v.type == kept.type
-
-
-def _numel(shape) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
 
 
 def _value_info(v: Value) -> onnx.ValueInfoProto:

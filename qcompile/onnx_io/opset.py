@@ -42,7 +42,7 @@ def upgrade_opset(model: Model, version: int) -> Model:
         )
     # the converter copies the whole model, weights included (8 of vgg19's 9 s): it gets
     # the large weights as typed inputs without data, and they come back afterwards
-    carried = {v.name: v for v in model.graph.initializers.values() if _numel(v.const.shape) > _WEIGHTS_OVER} \
+    carried = {v.name: v for v in model.graph.initializers.values() if v.const.numel > _WEIGHTS_OVER} \
         if version > before else {}
     proto = to_proto(model, weights_as_inputs_over=_WEIGHTS_OVER if carried else None)
     if version > before:
@@ -69,13 +69,6 @@ def upgrade_opset(model: Model, version: int) -> Model:
 
 
 _WEIGHTS_OVER = 4096  # elements: shapes, axes, pads and scales, which adapters may read, stay in the proto
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _restore_weights(graph: Graph, carried: dict) -> None:
