@@ -77,7 +77,7 @@ from qcompile.passmanager import Pass, PassResult, option, register_pass
 
 from .activations import ACTIVATION_TYPES, ActivationPlan, activation_params
 from .range_search import calibration_source, search_activation_ranges
-from .weights import WeightFormat, dequantize, quantize_weight, weight_format
+from .weights import WeightFormat, dequantize, quantize_bias, quantize_weight, weight_format
 
 __all__ = ["Quantize"]
 
@@ -559,8 +559,7 @@ class _Inserter:
         replaced = [w]
         if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].is_initializer:
             b = node.inputs[2]
-            bias_scale = (np.float32(s_x) * params.scale).astype(np.float32)
-            b_q = np.clip(np.rint(b.const_value.astype(np.float64) / bias_scale), -2**31, 2**31 - 1).astype(np.int32)
+            b_q, bias_scale = quantize_bias(b.const_value, s_x, params.scale)
             qb = g.make_constant(b_q, b.name + "_quantized")
             sb = g.make_constant(bias_scale, b.name + "_scale")
             zb = g.make_constant(np.zeros_like(b_q) if bias_scale.ndim else np.int32(0), b.name + "_zero_point")

@@ -54,6 +54,7 @@ from qcompile.ir import INT8, Model, QuantParams, TensorType
 from qcompile.onnx_io import to_proto
 
 from .activations import activation_params
+from .weights import quantize_bias
 
 __all__ = ["search_activation_ranges", "calibration_source"]
 
@@ -239,9 +240,7 @@ class _Bias:
 
     def at(self, s_x: float) -> Tuple[np.ndarray, np.ndarray]:
         """(int32 bias, its scale) for input scale s_x, as quantize computes them."""
-        scale = (np.float32(s_x) * self.w_scale).astype(np.float32)
-        q = np.clip(np.rint(self.values / scale), -2**31, 2**31 - 1).astype(np.int32)
-        return q, scale
+        return quantize_bias(self.values, s_x, self.w_scale)
 
 
 def _dependent_biases(quant) -> List[_Bias]:

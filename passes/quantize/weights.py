@@ -204,6 +204,14 @@ def quantize_weight(w: np.ndarray, fmt: WeightFormat) -> Tuple[np.ndarray, Quant
     return q, params
 
 
+def quantize_bias(values: np.ndarray, s_x: float, w_scale: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """A bias as int32 at scale s_x * s_w (per output channel with per-channel weights),
+    the scale integer arithmetic adds it at: (int32 values, float32 scale)."""
+    scale = (np.float32(s_x) * w_scale).astype(np.float32)
+    q = np.clip(np.rint(np.asarray(values, np.float64) / scale), -2**31, 2**31 - 1).astype(np.int32)
+    return q, scale
+
+
 def dequantize(q: np.ndarray, params: QuantParams) -> np.ndarray:
     """scale * (q - zero_point), broadcast along the quantization axis."""
     q = np.asarray(q, dtype=np.float32)
