@@ -188,3 +188,44 @@ def test_gemm_engine_choice_is_checked(monkeypatch):
     monkeypatch.setenv("QCOMPILE_GEMM", "fp16")
     with pytest.raises(ValueError, match="QCOMPILE_GEMM='fp16': choose one of int_mm, float32"):
         gemm.engine()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_vadd_kernel_is_the_qadd_rule(data):
+    """The fused VADD (`_kernels.vadd`, chosen by functional._fused_vadd) equals the
+    integer reference's QAdd: requantize((a - za) Ma + (b - zb) Mb, 1, s, zp, lo, hi)."""
+    from qcompile.backend.simulator.functional import _fused_vadd
+    from qcompile.quant_math import quantize_multiplier_pair
+
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
+    ta, tb, td = (data.draw(st.sampled_from([np.int8, np.uint8])) for _ in range(3))
+    n, count = data.draw(st.integers(1, 3)), data.draw(st.integers(0, 100))
+    a = rng.integers(np.iinfo(ta).min, int(np.iinfo(ta).max) + 1, (n, count)).astype(ta)
+    b = rng.integers(np.iinfo(tb).min, int(np.iinfo(tb).max) + 1, (1 if data.draw(st.booleans()) else n, count)
+                     ).astype(tb)
+    ma, mb, shift = quantize_multiplier_pair(*np.exp(rng.uniform(-6, 3, 2)))
+    ma, mb = ma * int(rng.choice([-1, 1])), mb * int(rng.choice([-1, 1]))         # negative multipliers too
+    info = np.iinfo(td)
+    lo = int(rng.integers(info.min, int(info.max) + 1))
+    hi = int(rng.integers(lo, int(info.max) + 1))
+    args = {"a_zp": int(rng.integers(-128, 256)), "b_zp": int(rng.integers(-128, 256)), "ma": ma, "mb": mb,
+            "shift": shift, "out_zp": int(rng.integers(lo, hi + 1)), "lo": lo, "hi": hi}
+    fused = _fused_vadd([(0, np.dtype(ta)), (0, np.dtype(tb)), (0, np.dtype(td))], args)
+    assert fused is not None            # 8-bit operands with QAdd's multipliers: always exact in float64
+    acc = (a.astype(np.int64) - args["a_zp"]) * ma + (b.astype(np.int64) - args["b_zp"]) * mb
+    want = requantize(acc, 1, shift, args["out_zp"], lo, hi).astype(td)
+    got = np.zeros((n, count), td)
+    _kernels.vadd(a.view(np.uint8), b.view(np.uint8), got.view(np.uint8), fused[0], args["a_zp"], args["b_zp"],
+                  ma, mb, fused[1], args["out_zp"] + 0.5, lo, hi)
+    assert np.array_equal(got, want)
+
+
+def test_vadd_is_not_fused_when_the_float_form_could_round():
+    from qcompile.backend.simulator.functional import _fused_vadd
+
+    ops = [(0, np.dtype(np.int8))] * 3
+    args = {"a_zp": 0, "b_zp": 0, "ma": 1 << 30, "mb": 1 << 30, "shift": 60, "out_zp": 0, "lo": -128, "hi": 127}
+    assert _fused_vadd(ops, args) is None                             # 2^-60 scaling: beyond _float_exact
+    assert _fused_vadd([(0, np.dtype(np.int16))] * 3, dict(args, shift=30)) is None     # 16-bit operands
+    assert _fused_vadd(ops, dict(args, shift=30)) is not None

@@ -28,6 +28,8 @@ cdef extern from "_requant.h" nogil:
                      double lo, double hi)
     void qc_rq_u8_u8(const uint8_t* s, uint8_t* d, const double* r, Py_ssize_t rs, Py_ssize_t n, double xzp, double c,
                      double lo, double hi)
+    void qc_vadd(int code, const void* a, const void* b, void* d, Py_ssize_t n, double azp, double bzp, double ma,
+                 double mb, double r, double c, double lo, double hi)
 
 ctypedef fused src_t:
     int8_t
@@ -244,6 +246,25 @@ def depthwise(const pix_t[:, :, :, :] src, const int8_t[:, :, :, :] wgt, int32_t
                             else:
                                 for x in range(OW):
                                     ap[x * ys] += (<int32_t>sp[x * xs] - x_zp) * w
+
+
+def vadd(const uint8_t[:, :] a, const uint8_t[:, :] b, uint8_t[:, :] d, int code, double a_zp,
+         double b_zp, double ma, double mb, double r, double c, double lo, double hi):
+    """d = clip(floor(((a - a_zp) ma + (b - b_zp) mb) r + c), lo, hi) over (S or 1, count)
+    rows of 8-bit values (given as bytes; `code` = 4 (a signed) + 2 (b signed) + (d signed)),
+    one pass (_requant.h qc_vadd). A one-row operand is broadcast over d's S rows. The
+    caller proves every step exact (the float form of the rounding rule, `_float_exact`)."""
+    cdef Py_ssize_t S = d.shape[0], n = d.shape[1], i
+    if a.shape[1] != n or b.shape[1] != n or a.shape[0] not in (1, S) or b.shape[0] not in (1, S):
+        raise ValueError("vadd: operand shapes do not match")
+    if n > 1 and (a.strides[1] != 1 or b.strides[1] != 1 or d.strides[1] != 1):
+        raise ValueError("vadd: rows must be contiguous")
+    cdef Py_ssize_t sa = 1 if a.shape[0] > 1 else 0, sb = 1 if b.shape[0] > 1 else 0
+    if n == 0:
+        return
+    with nogil:
+        for i in range(S):
+            qc_vadd(code, &a[i * sa, 0], &b[i * sb, 0], &d[i, 0], n, a_zp, b_zp, ma, mb, r, c, lo, hi)
 
 
 def gather_rows(const uint8_t[:, :, :, :, :, :] a, uint8_t[:, ::1] out):

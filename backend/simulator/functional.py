@@ -226,8 +226,13 @@ class Machine:
             m, s = mult, shift
         self._requant(d, x, x_zp, _bound(x.dtype, x_zp), m, s, out_zp, lo, hi)
 
-    def _vadd(self, a: Block, b: Block, d: Block, a_zp, b_zp, ma, mb, shift, out_zp, lo, hi):
+    def _vadd(self, a: Block, b: Block, d: Block, a_zp, b_zp, ma, mb, shift, out_zp, lo, hi, fused):
         x, y = self._view(a), self._view(b)
+        if fused is not None:           # 8-bit operands, the float form exact: one fused pass
+            code, r = fused
+            _kernels.vadd(x.view(np.uint8), y.view(np.uint8), self._view(d).view(np.uint8), code, a_zp, b_zp, ma,
+                          mb, r, out_zp + 0.5, lo, hi)
+            return
         bound = _bound(x.dtype, a_zp) * abs(ma) + _bound(y.dtype, b_zp) * abs(mb)
         t = np.float64 if bound < 2 ** 53 else np.int64          # exact either way
         acc = (x.astype(t) - a_zp) * ma + (y.astype(t) - b_zp) * mb
@@ -537,8 +542,9 @@ class _Plan:
                            f"instruction {pc} {what} {x if x != 'out' else 'dst'}") for x in ("a", "b", "out")]
 
     def _vadd(self, a, pc):
-        return (Machine._vadd, *self._operands(a, pc, "VADD"), a["a_zp"], a["b_zp"], a["ma"], a["mb"], a["shift"],
-                a["out_zp"], a["lo"], a["hi"])
+        ops = self._operands(a, pc, "VADD")
+        return (Machine._vadd, *ops, a["a_zp"], a["b_zp"], a["ma"], a["mb"], a["shift"], a["out_zp"], a["lo"],
+                a["hi"], _fused_vadd(ops, a))
 
     def _vmul(self, a, pc):
         return (Machine._vmul, *self._operands(a, pc, "VMUL"), a["a_zp"], a["b_zp"], a["mult"], a["shift"],
@@ -610,6 +616,22 @@ def _channel_major(av: np.ndarray) -> Optional[np.ndarray]:
             abs(st[5]) < m0 * m1 * isz:
         return None
     return np.lib.stride_tricks.as_strided(av, (s, k2, m0 * m1), (st[0], st[5], isz), writeable=False)
+
+
+def _fused_vadd(ops, a) -> Optional[Tuple[int, float]]:
+    """(signedness code, 2^-shift) when `_kernels.vadd` computes this VADD exactly: 8-bit
+    operands, the float form of its requantization proved exact (`_float_exact`) and
+    [lo, hi] inside the destination type; None otherwise."""
+    types = [blk[1] for blk in ops]
+    if any(t not in (np.dtype(np.int8), np.dtype(np.uint8)) for t in types):
+        return None
+    bound = _bound(types[0], a["a_zp"]) * abs(a["ma"]) + _bound(types[1], a["b_zp"]) * abs(a["mb"])
+    info = np.iinfo(types[2])
+    one, shift = np.ones((), np.int64), np.asarray(a["shift"], np.int64)
+    if not (info.min <= a["lo"] <= a["hi"] <= info.max and _float_exact(bound, one, shift, a["out_zp"], a["lo"], a["hi"])):
+        return None
+    code = 4 * (types[0] == np.int8) + 2 * (types[1] == np.int8) + (types[2] == np.int8)
+    return int(code), float(np.ldexp(1.0, -int(a["shift"])))
 
 
 def _buf(buf: int, pc: int, what: str) -> int:
