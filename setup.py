@@ -27,6 +27,7 @@ PACKAGES = {
 
 EXTENSIONS = [
     Extension("qcompile._native.bitpack", ["qcompile/_native/bitpack.pyx"]),
+    Extension("qcompile.backend._codec", ["backend/_codec.pyx"]),
     Extension("qcompile.backend.lowering._alloc", ["backend/lowering/_alloc.pyx"]),
     Extension("qcompile.backend.lowering._deps", ["backend/lowering/_deps.pyx"]),
     Extension("qcompile.backend.lowering._tiling", ["backend/lowering/_tiling.pyx"]),

@@ -38,6 +38,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from ._codec import Codec as _Codec
+
 __all__ = [
     "Unit", "Op", "Buf", "Space", "DType", "OpSpec", "SPECS", "Instr", "encode", "decode", "format_asm",
     "parse_asm", "IsaError", "DTYPE_BITS", "DTYPE_NUMPY", "dtype_code", "PoolMode", "index_bits",
@@ -185,6 +187,7 @@ SPECS: Dict[Op, OpSpec] = {s.op: s for s in (
 
 _HEADER_OP = 0xFF
 _WAIT_SHIFT, _SIGNAL_SHIFT, _LAYER_SHIFT = 8, 12, 16
+_TOKEN_MASK = 0xF                # wait and signal: one bit per unit
 MAX_LAYERS = 1 << 16
 
 
@@ -210,43 +213,17 @@ class Instr:
 
 def encode(instrs: Sequence[Instr]) -> np.ndarray:
     """The binary form of `instrs` as an int32 array."""
-    words: List[int] = []
-    for ins in instrs:
-        spec = SPECS[ins.op]
-        if not 0 <= ins.layer < MAX_LAYERS:
-            raise IsaError(f"layer index {ins.layer} out of range")
-        header = int(ins.op) | (ins.wait & 0xF) << _WAIT_SHIFT | (ins.signal & 0xF) << _SIGNAL_SHIFT | \
-            ins.layer << _LAYER_SHIFT
-        words.append(header - (1 << 32) if header >= 1 << 31 else header)
-        try:
-            words.extend(int(ins.args[f]) for f in spec.fields)
-        except KeyError as e:
-            raise IsaError(f"{ins.op.name}: missing field {e.args[0]}") from None
-    arr = np.asarray(words, dtype=np.int64)
-    if arr.size and (arr.min() < -(1 << 31) or arr.max() >= 1 << 31):
-        raise IsaError("an instruction field does not fit in 32 bits")
-    return arr.astype("<i4")
+    return _CODEC.encode(instrs)
 
 
 def decode(code: np.ndarray) -> List[Instr]:
     """Instructions from their binary form (`encode`'s inverse)."""
-    words = np.asarray(code, dtype="<i4").tolist()
-    out: List[Instr] = []
-    i, n = 0, len(words)
-    while i < n:
-        header = words[i] & 0xFFFFFFFF
-        try:
-            op = Op(header & _HEADER_OP)
-        except ValueError:
-            raise IsaError(f"unknown opcode 0x{header & 0xFF:02x} at word {i}") from None
-        spec = SPECS[op]
-        if i + 1 + len(spec.fields) > n:
-            raise IsaError(f"instruction {op.name} at word {i} is cut short")
-        args = dict(zip(spec.fields, words[i + 1:i + 1 + len(spec.fields)]))
-        out.append(Instr(op, args, (header >> _WAIT_SHIFT) & 0xF, (header >> _SIGNAL_SHIFT) & 0xF,
-                         header >> _LAYER_SHIFT))
-        i += 1 + len(spec.fields)
-    return out
+    return _CODEC.decode(code)
+
+
+# The encoder and decoder are compiled (`_codec.pyx`) and take the layout from here.
+_CODEC = _Codec({op: spec.fields for op, spec in SPECS.items()}, {op: op for op in Op}, Instr, IsaError,
+                _HEADER_OP, _TOKEN_MASK, _WAIT_SHIFT, _SIGNAL_SHIFT, _LAYER_SHIFT, MAX_LAYERS)
 
 
 # -- assembly ------------------------------------------------------------------------
