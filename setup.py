@@ -30,6 +30,7 @@ EXTENSIONS = [
     Extension("qcompile.backend._codec", ["backend/_codec.pyx"]),
     Extension("qcompile.backend.lowering._alloc", ["backend/lowering/_alloc.pyx"]),
     Extension("qcompile.backend.lowering._deps", ["backend/lowering/_deps.pyx"]),
+    Extension("qcompile.backend.lowering._weights", ["backend/lowering/_weights.pyx"]),
     Extension("qcompile.backend.lowering._tiling", ["backend/lowering/_tiling.pyx"]),
     Extension("qcompile.backend.simulator._kernels", ["backend/simulator/_kernels.pyx"],
               depends=["backend/simulator/_requant.h"],

@@ -11,6 +11,7 @@ from qcompile._native import pack_bits
 
 from ..isa import DType, DTYPE_BITS, index_bits
 from ..program import TensorSlot
+from ._weights import groups_within, row_major_bytes
 from .emitter import Emitter
 from .plan import LoweringError
 
@@ -87,16 +88,23 @@ def nm_pattern(matrix: np.ndarray, patterns, group_divides: int) -> Optional[Tup
     """The sparsest supported (N, M) such that every group of M consecutive rows (K) of
     every column holds at most N nonzero weights; groups must not straddle a block of
     `group_divides` rows (a conv's channels per kernel position). None: dense."""
-    k = matrix.shape[0]
-    if np.asarray(matrix).dtype == np.uint8:   # N:M applies to signed (symmetric) weights only
+    w = np.asarray(matrix)
+    k = w.shape[0]
+    if w.dtype == np.uint8:   # N:M applies to signed (symmetric) weights only
         return None
+    if w.ndim != 2:
+        w = w.reshape(k, -1)
+    if w.dtype not in _SCANNED:
+        w = (w != 0).view(np.uint8)
     for n, m in patterns:
         if k % m or group_divides % m:
             continue
-        nz = (matrix.reshape(k // m, m, -1) != 0).sum(axis=1)
-        if nz.max(initial=0) <= n:
+        if groups_within(w, m, n):
             return n, m
     return None
+
+
+_SCANNED = {np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.int32, np.int64)}
 
 
 def compressed_bytes(k: int, n: int, wtype: DType, nm: Optional[Tuple[int, int]]) -> int:
@@ -121,9 +129,12 @@ def encode_weights(matrix: np.ndarray, wtype: DType, nm: Optional[Tuple[int, int
         order = np.sort(order, axis=1)
         values = np.take_along_axis(groups, order, axis=1).reshape(k // m * n, cols)
         return encode_weights(values, wtype) + pack_bits(order.reshape(-1).astype(np.int32), index_bits(m))
-    flat = np.ascontiguousarray(matrix).reshape(-1)
     if wtype == DType.BINARY:
-        return pack_bits((flat > 0).astype(np.int32), 1)
+        return pack_bits((np.asarray(matrix) > 0).astype(np.int32).reshape(-1), 1)
     if wtype in (DType.INT4, DType.INT2):
-        return pack_bits(flat.astype(np.int32), 4 if wtype == DType.INT4 else 2)
-    return flat.astype(np.uint8 if wtype == DType.UINT8 else np.int8).tobytes()
+        return pack_bits(np.asarray(matrix).astype(np.int32).reshape(-1), 4 if wtype == DType.INT4 else 2)
+    arr = np.asarray(matrix)
+    byte_type = np.dtype(np.uint8 if wtype == DType.UINT8 else np.int8)
+    if arr.ndim == 2 and arr.dtype == byte_type and not arr.flags.c_contiguous:
+        return row_major_bytes(arr.view(np.uint8))      # a transposed view: a blocked copy
+    return arr.astype(byte_type, copy=False).tobytes()

@@ -32,7 +32,7 @@ import numpy as np
 from qcompile.quant_math import QGEMM
 
 from ..isa import Buf, DType, DTYPE_BITS, Space
-from ._tiling import estimate
+from ._tiling import estimate_grid
 from .context import Context, compressed_bytes, encode_weights, nm_pattern, weight_type
 from .emitter import OutOfSram, Ref
 from .plan import Layer, LoweringError
@@ -122,14 +122,16 @@ def _fill_flag(ctx: Context, pipe: _Pipeline, b: Ref, first_k: bool, k: int, n: 
     return not same
 
 
-def _estimate(ctx: Context, m_sizes: List[int], n_sizes: List[int], k_sizes: List[int], a_bytes: int,
-              w_bytes: int, out_bytes: int) -> float:
-    """Estimated cycles of a tiling (`_tiling.estimate`: the matrix unit's closed forms
-    against the DMA time, which overlap)."""
+def _estimate(ctx: Context, m: Tuple[int, int, int], n: Tuple[int, int], k: Tuple[int, int, int], nm,
+              a_bytes: int, w_bytes: int, out_bytes: int) -> float:
+    """Estimated cycles of a tiling (`_tiling.estimate_grid`: the matrix unit's closed
+    forms against the DMA time, which overlap). m = (M units, units per tile, rows per
+    unit), n = (N, tile), k = (K units, units per tile, columns per unit)."""
     t = ctx.target
-    return estimate(np.asarray(m_sizes, np.int64), np.asarray(n_sizes, np.int64), np.asarray(k_sizes, np.int64),
-                    t.matrix.rows, t.matrix.cols, t.matrix.dataflow == "output-stationary", int(a_bytes),
-                    int(w_bytes), int(out_bytes), float(t.dram_bytes_per_cycle), int(t.dram_latency_cycles))
+    sp_n, sp_m = nm if nm is not None else (0, 0)
+    return estimate_grid(m[0], m[1], m[2], n[0], n[1], k[0], k[1], k[2], sp_n, sp_m, t.matrix.rows, t.matrix.cols,
+                         t.matrix.dataflow == "output-stationary", int(a_bytes), int(w_bytes), int(out_bytes),
+                         float(t.dram_bytes_per_cycle), int(t.dram_latency_cycles))
 
 
 def _ranked(candidates: List[tuple], cost: Callable[[tuple], float], keep: int = 12) -> List[tuple]:
@@ -212,11 +214,9 @@ def lower_conv(ctx: Context, layer: Layer) -> None:
 
     def cost(cand) -> float:
         kc, nt, r = cand
-        m_sizes = [min(r, oh - r0) * ow for r0 in range(0, oh, r)]
-        n_sizes = [min(nt, mg - c0) for c0 in range(0, mg, nt)]
-        k_sizes = [_streamed(min(kc, cg - c0) * kh * kw, nm) for c0 in range(0, cg, kc)]
-        a_bytes = sum(in_rows(min(r, oh - r0)) for r0 in range(0, oh, r)) * iwp * cg
-        return group * n_batch * _estimate(ctx, m_sizes, n_sizes, k_sizes, a_bytes,
+        tiles = -(-oh // r)
+        a_rows = (oh - tiles) * sh + tiles * ((kh - 1) * dh + 1)   # in_rows summed over the row tiles
+        return group * n_batch * _estimate(ctx, (oh, r, ow), (mg, nt), (cg, kc, kh * kw), nm, a_rows * iwp * cg,
                                            compressed_bytes(cg * kh * kw, mg, wtype, nm), mg * oh * ow * osz)
 
     def emit(cand) -> str:
@@ -387,10 +387,7 @@ def lower_gemm(ctx: Context, layer: Layer) -> None:
 
     def cost(cand) -> float:
         kc, nt, mt = cand
-        m_sizes = [min(mt, m_dim - r0) for r0 in range(0, m_dim, mt)]
-        n_sizes = [min(nt, n_dim - c0) for c0 in range(0, n_dim, nt)]
-        k_sizes = [_streamed(min(kc, k_dim - c0), nm) for c0 in range(0, k_dim, kc)]
-        return n_batch * _estimate(ctx, m_sizes, n_sizes, k_sizes, m_dim * k_dim,
+        return n_batch * _estimate(ctx, (m_dim, mt, 1), (n_dim, nt), (k_dim, kc, 1), nm, m_dim * k_dim,
                                    compressed_bytes(k_dim, n_dim, wtype, nm), m_dim * n_dim * osz)
 
     def emit(cand) -> str:
