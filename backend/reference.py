@@ -189,9 +189,29 @@ def _qmul(node: Node, a, b):
     return _finish(node, acc, _attr(node, "multiplier"), _attr(node, "shift"))
 
 
+def _window_sums(xp: np.ndarray, kernel, strides) -> np.ndarray:
+    """(N, C, *out) sums of the windows of xp (N, C, *spatial), one strided add per tap:
+    numpy's sum over a sliding-window view walks the kernel axes for every output, a
+    dozen times slower."""
+    d = len(kernel)
+    out = [(xp.shape[2 + i] - kernel[i]) // strides[i] + 1 for i in range(d)]
+    acc = None
+    for tap in np.ndindex(*kernel):
+        view = xp[(slice(None), slice(None)) + tuple(slice(t, t + (o - 1) * s + 1, s)
+                                                     for t, o, s in zip(tap, out, strides))]
+        if acc is None:
+            acc = view.copy()
+        else:
+            acc += view
+    return acc
+
+
 def _qavgpool(node: Node, x, multiplier=None, shift=None):
-    xc = x.astype(np.int64) - _attr(node, "x_zero_point", 0)
     d = x.ndim - 2
+    taps = 1 if _attr(node, "global", 0) else int(np.prod(_attr(node, "kernel_shape")))
+    # int32 sums where they cannot wrap (8- and 16-bit inputs), as the accumulator adds them
+    wide = x.dtype.kind not in "iu" or x.dtype.itemsize > 2 or taps >= 2 ** 15
+    xc = x.astype(np.int64 if wide else np.int32) - _attr(node, "x_zero_point", 0)
     if _attr(node, "global", 0):
         acc = xc.sum(axis=tuple(range(2, x.ndim)), keepdims=True)
     else:
@@ -203,8 +223,7 @@ def _qavgpool(node: Node, x, multiplier=None, shift=None):
             for i in range(d):  # ceil_mode: pad the end far enough for the last window
                 need = (out[i] - 1) * strides[i] + kernel[i] - (x.shape[2 + i] + pads[i] + pads[i + d])
                 pads[i + d] += max(need, 0)
-        win = _windows(_pad(xc, pads, 0), kernel, strides, [1] * d)
-        acc = win.sum(axis=tuple(range(2 + d, 2 + 2 * d)))
+        acc = _window_sums(_pad(xc, pads, 0), kernel, strides)
         if multiplier is not None and np.ndim(multiplier) == d:
             acc = acc[(slice(None), slice(None)) + tuple(slice(0, n) for n in np.shape(multiplier))]
     if multiplier is None:

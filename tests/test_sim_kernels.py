@@ -229,3 +229,35 @@ def test_vadd_is_not_fused_when_the_float_form_could_round():
     assert _fused_vadd(ops, args) is None                             # 2^-60 scaling: beyond _float_exact
     assert _fused_vadd([(0, np.dtype(np.int16))] * 3, dict(args, shift=30)) is None     # 16-bit operands
     assert _fused_vadd(ops, dict(args, shift=30)) is not None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_reference_window_sums_equal_the_sliding_window_sums(data):
+    """backend.reference._window_sums (QAveragePool's taps, one strided add each) equals
+    the plain sum over numpy's sliding windows, in 1, 2 and 3 spatial dimensions."""
+    from qcompile.backend.reference import _window_sums
+
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
+    d = data.draw(st.integers(1, 3))
+    kernel = [data.draw(st.integers(1, 3)) for _ in range(d)]
+    strides = [data.draw(st.integers(1, 3)) for _ in range(d)]
+    spatial = [k + data.draw(st.integers(0, 6)) for k in kernel]
+    x = rng.integers(-300, 300, [2, 3] + spatial).astype(np.int32)
+    win = np.lib.stride_tricks.sliding_window_view(x, kernel, axis=tuple(range(2, 2 + d)))
+    want = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)].sum(
+        axis=tuple(range(2 + d, 2 + 2 * d)))
+    got = _window_sums(x, kernel, strides)
+    assert got.dtype == x.dtype and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("rows,cols", [(16, 16), (70, 37), (64, 32), (15, 40), (33, 15)])
+def test_transposing_store_moves_every_byte(rows, cols):
+    """A transposing requantize into channel planes (SIMD 16 x 16 tiles and byte edges)
+    puts value (i, j) at plane j, pixel i: with r = 1 the store is a pure transposition."""
+    rng = np.random.default_rng(rows * cols)
+    x = rng.integers(-128, 128, (2, rows, cols)).astype(np.int32)
+    planes = np.zeros((2, cols, rows + 3), np.int8)                # planes longer than the run
+    dst = planes[:, :, :rows].transpose(0, 2, 1)
+    _kernels.requantize_float(x, dst, np.ones((1, cols)), 1, 0, 0.5, -128, 127)
+    assert np.array_equal(planes[:, :, :rows], x.transpose(0, 2, 1)) and not planes[:, :, rows:].any()

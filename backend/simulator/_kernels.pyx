@@ -28,6 +28,8 @@ cdef extern from "_requant.h" nogil:
                      double lo, double hi)
     void qc_rq_u8_u8(const uint8_t* s, uint8_t* d, const double* r, Py_ssize_t rs, Py_ssize_t n, double xzp, double c,
                      double lo, double hi)
+    void qc_transpose_bytes(const uint8_t* s, Py_ssize_t ss, uint8_t* d, Py_ssize_t ds, Py_ssize_t rows,
+                            Py_ssize_t cols)
     void qc_vadd(int code, const void* a, const void* b, void* d, Py_ssize_t n, double azp, double bzp, double ma,
                  double mb, double r, double c, double lo, double hi)
 
@@ -195,10 +197,13 @@ def requantize_float(const fsrc_t[:, :, :] src, dst_t[:, :, :] dst, const double
                     for i in range(i0, i1):
                         _rq_run(&src[a, i, 0], 1, &tmp[(i - i0) * C], 1, &r[pa, 0], 1 if per == 1 else 0, C,
                                 x_zp, c, flo, fhi, fast)
-                    for j in range(C):
-                        dp = &dst[a, i0, j]
-                        for i in range(i1 - i0):
-                            dp[i * d1] = tmp[i * C + j]
+                    if sizeof(dst_t) == 1 and d1 == 1 and d2 > 0:      # into channel planes: SIMD tiles
+                        qc_transpose_bytes(<const uint8_t*>tmp, C, <uint8_t*>&dst[a, i0, 0], d2, i1 - i0, C)
+                    else:
+                        for j in range(C):
+                            dp = &dst[a, i0, j]
+                            for i in range(i1 - i0):
+                                dp[i * d1] = tmp[i * C + j]
                     i0 = i1
             else:
                 i0 = 0

@@ -148,3 +148,48 @@ static void qc_vadd(int code, const void *a, const void *b, void *d, ptrdiff_t n
     default: qc_vadd_sss(a, b, d, n, azp, bzp, ma, mb, r, c, lo, hi); break;
     }
 }
+
+/* d[j * ds + i] = s[i * ss + j] for i < rows, j < cols: the byte transposition of a
+ * transposing store (requantized rows of pixels x channels into channel planes). With
+ * SSE2 (every x86-64), 16 x 16 tiles go through four rounds of unpacks: after round k
+ * each register holds 2^k-byte runs of one column; the edges go byte by byte. */
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+static void qc_transpose_bytes(const uint8_t *s, ptrdiff_t ss, uint8_t *d, ptrdiff_t ds, ptrdiff_t rows,
+                               ptrdiff_t cols) {
+    ptrdiff_t i0 = 0, j0, i, j, k;
+#if defined(__SSE2__)
+    for (; i0 + 16 <= rows; i0 += 16) {
+        for (j0 = 0; j0 + 16 <= cols; j0 += 16) {
+            __m128i x[16], t[16];
+            for (k = 0; k < 16; k++) x[k] = _mm_loadu_si128((const __m128i *)(s + (i0 + k) * ss + j0));
+            for (k = 0; k < 8; k++) {      /* column pairs of rows 2k, 2k+1 */
+                t[2 * k] = _mm_unpacklo_epi8(x[2 * k], x[2 * k + 1]);
+                t[2 * k + 1] = _mm_unpackhi_epi8(x[2 * k], x[2 * k + 1]);
+            }
+            for (k = 0; k < 4; k++) {      /* four-byte columns of rows 4k..4k+3 */
+                x[4 * k] = _mm_unpacklo_epi16(t[4 * k], t[4 * k + 2]);
+                x[4 * k + 1] = _mm_unpackhi_epi16(t[4 * k], t[4 * k + 2]);
+                x[4 * k + 2] = _mm_unpacklo_epi16(t[4 * k + 1], t[4 * k + 3]);
+                x[4 * k + 3] = _mm_unpackhi_epi16(t[4 * k + 1], t[4 * k + 3]);
+            }
+            for (k = 0; k < 2; k++) {      /* eight-byte columns of rows 8k..8k+7 */
+                for (j = 0; j < 4; j++) {
+                    t[8 * k + 2 * j] = _mm_unpacklo_epi32(x[8 * k + j], x[8 * k + 4 + j]);
+                    t[8 * k + 2 * j + 1] = _mm_unpackhi_epi32(x[8 * k + j], x[8 * k + 4 + j]);
+                }
+            }
+            for (k = 0; k < 8; k++) {      /* whole columns 2k, 2k+1 */
+                x[2 * k] = _mm_unpacklo_epi64(t[k], t[k + 8]);
+                x[2 * k + 1] = _mm_unpackhi_epi64(t[k], t[k + 8]);
+            }
+            for (k = 0; k < 16; k++) _mm_storeu_si128((__m128i *)(d + (j0 + k) * ds + i0), x[k]);
+        }
+        for (j = j0; j < cols; j++)
+            for (k = 0; k < 16; k++) d[j * ds + i0 + k] = s[(i0 + k) * ss + j];
+    }
+#endif
+    for (i = i0; i < rows; i++)
+        for (j = 0; j < cols; j++) d[j * ds + i] = s[i * ss + j];
+}
