@@ -192,6 +192,32 @@ def test_max_pool_bit_exact(c, h, w, k, s, pad, ceil, target):
     _check(int_model, _samples({"x": (1, c, h, w)}, 3), target, expect_ops=["pool"])
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 10), st.integers(2, 13), st.integers(2, 13), st.integers(2, 3), st.integers(1, 3),
+       st.integers(0, 1), st.integers(0, 1), st.booleans())
+def test_average_pool_with_a_divisor_per_position_bit_exact(c, h, w, k, s, pad, ceil, relu):
+    """AveragePool that excludes padding (or cuts ceil_mode windows) has a divisor per
+    output position: it runs on the host, through the simulator's fast form
+    (host._AveragePool), and equals the integer reference bit for bit."""
+    k = min(k, h, w)
+    pad = min(pad, k - 1)
+    if not pad and not ceil:
+        pad = min(1, k - 1)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1]),
+             helper.make_node("AveragePool", ["c"], ["p" if relu else "y"], kernel_shape=[k, k], strides=[s, s],
+                              pads=[pad] * 4, ceil_mode=ceil, count_include_pad=0)]
+    if relu:
+        nodes.append(helper.make_node("Relu", ["p"], ["y"]))
+    proto = _model(nodes, [("x", [1, c, h, w])], None, [("w", RNG.standard_normal((c, c, 1, 1)).astype(np.float32))])
+    int_model = _integer(proto, [{"x": x} for x in _samples({"x": (1, c, h, w)}, 8)["x"]])
+    prog, _ = _check(int_model, _samples({"x": (1, c, h, w)}, 3), "rain-sim")
+    pools = [i for i, op in enumerate(prog.host_ops) if b"QAveragePool" in op.model]
+    assert pools or not pad         # padded corners have fewer taps: a divisor per position
+    from qcompile.backend.simulator.host import HostRunner
+
+    assert all(HostRunner(prog)._runner(i)[0] == "pool" for i in pools)
+
+
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_average_pools_tables_transpose_concat_bit_exact(target):
     c, h, w = 6, 9, 7

@@ -193,3 +193,32 @@ static void qc_transpose_bytes(const uint8_t *s, ptrdiff_t ss, uint8_t *d, ptrdi
     for (i = i0; i < rows; i++)
         for (j = 0; j < cols; j++) d[j * ds + i] = s[i * ss + j];
 }
+
+/* One depthwise tap over a run: acc[t] += (s[t] - zp) w, int32 wrapping (-fwrapv), for
+ * 8-bit s. gcc vectorises the loop; the AVX2 copy (checked at run time) takes eight
+ * values at a time, with the multiply SSE2 lacks. */
+#define QC_TAP(NAME, SRC)                                                                          \
+    static inline void NAME##_loop(int32_t *restrict acc, const SRC *restrict s, ptrdiff_t n,      \
+                                   int32_t zp, int32_t w) {                                         \
+        for (ptrdiff_t t = 0; t < n; t++) acc[t] += ((int32_t)s[t] - zp) * w;                       \
+    }                                                                                               \
+    QC_TAP_AVX2(NAME, SRC)                                                                          \
+    static void NAME(int32_t *acc, const SRC *s, ptrdiff_t n, int32_t zp, int32_t w) {              \
+        QC_TAP_VECTOR(NAME)                                                                         \
+        NAME##_loop(acc, s, n, zp, w);                                                              \
+    }
+#ifdef QC_AVX2
+#define QC_TAP_AVX2(NAME, SRC)                                                                     \
+    __attribute__((target("avx2"))) static void NAME##_avx2(int32_t *restrict acc,                  \
+                                                            const SRC *restrict s, ptrdiff_t n,     \
+                                                            int32_t zp, int32_t w) {                \
+        for (ptrdiff_t t = 0; t < n; t++) acc[t] += ((int32_t)s[t] - zp) * w;                       \
+    }
+#define QC_TAP_VECTOR(NAME) if (qc_have_avx2()) { NAME##_avx2(acc, s, n, zp, w); return; }
+#else
+#define QC_TAP_AVX2(NAME, SRC)
+#define QC_TAP_VECTOR(NAME)
+#endif
+
+QC_TAP(qc_tap_u8, uint8_t)
+QC_TAP(qc_tap_i8, int8_t)
