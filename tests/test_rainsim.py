@@ -212,7 +212,8 @@ def test_average_pool_with_a_divisor_per_position_bit_exact(c, h, w, k, s, pad, 
     int_model = _integer(proto, [{"x": x} for x in _samples({"x": (1, c, h, w)}, 8)["x"]])
     prog, _ = _check(int_model, _samples({"x": (1, c, h, w)}, 3), "rain-sim")
     pools = [i for i, op in enumerate(prog.host_ops) if b"QAveragePool" in op.model]
-    assert pools or not pad         # padded corners have fewer taps: a divisor per position
+    if pad and s == 1 and min(h, w) > k:
+        assert pools                # corner windows have fewer taps than inner ones: on the host
     from qcompile.backend.simulator.host import HostRunner
 
     assert all(HostRunner(prog)._runner(i)[0] == "pool" for i in pools)
