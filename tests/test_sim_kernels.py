@@ -261,3 +261,23 @@ def test_transposing_store_moves_every_byte(rows, cols):
     dst = planes[:, :, :rows].transpose(0, 2, 1)
     _kernels.requantize_float(x, dst, np.ones((1, cols)), 1, 0, 0.5, -128, 127)
     assert np.array_equal(planes[:, :, :rows], x.transpose(0, 2, 1)) and not planes[:, :, rows:].any()
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_lut_kernel_is_the_per_channel_gather(data):
+    """VLUT's kernel (`_kernels.lut`) equals indexing the tables directly: entry x - min(int8)
+    for int8 indices, of the table of the element's channel ((e // inner) % nch)."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
+    d_dt = data.draw(st.sampled_from(DST))
+    signed = data.draw(st.booleans())
+    s, nch, inner = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 5)), data.draw(st.integers(1, 20))
+    n = data.draw(st.integers(0, 120))
+    x = rng.integers(0, 256, (s, n)).astype(np.uint8)
+    info = np.iinfo(d_dt)
+    tables = rng.integers(info.min, int(info.max) + 1, (s if data.draw(st.booleans()) else 1, nch * 256)).astype(d_dt)
+    idx = (x.astype(np.int64) ^ (0x80 if signed else 0)) + 256 * ((np.arange(n) // inner) % nch)
+    want = np.take_along_axis(np.broadcast_to(tables, (s, nch * 256)), idx, axis=1)
+    got = np.zeros((s, n), d_dt)
+    _kernels.lut(x, tables, got, signed, nch, inner)
+    assert np.array_equal(got, want)

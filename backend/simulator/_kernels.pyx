@@ -286,6 +286,42 @@ def depthwise(const pix_t[:, :, :, :] src, const int8_t[:, :, :, :] wgt, int32_t
                                     ap[x * ys] += (<int32_t>sp[x * xs] - x_zp) * w
 
 
+def lut(const uint8_t[:, :] src, const dst_t[:, :] tables, dst_t[:, :] dst, bint signed, Py_ssize_t nch,
+        Py_ssize_t inner):
+    """dst[s, e] = tables[s or 0, 256 ch + (src[s, e] ^ 0x80 if signed else src[s, e])],
+    ch = (e // inner) % nch: VLUT, a table per channel of `inner` consecutive elements
+    (8-bit indices given as bytes), in runs of one channel each; numpy needs an int64
+    index array and a gather for the same."""
+    cdef Py_ssize_t S = dst.shape[0], n = dst.shape[1], s, e0, e1, t, ch
+    cdef uint8_t flip = 0x80 if signed else 0
+    cdef const dst_t* tbl
+    cdef const uint8_t* sp
+    cdef dst_t* dp
+    if src.shape[0] != S or src.shape[1] != n or tables.shape[0] not in (1, S) or tables.shape[1] != 256 * nch or \
+            nch < 1 or inner < 1:
+        raise ValueError("lut: operands, tables or channels do not match")
+    if n > 1 and (src.strides[1] != 1 or dst.strides[1] != sizeof(dst_t)):
+        raise ValueError("lut: rows must be contiguous")
+    if tables.shape[1] > 1 and tables.strides[1] != sizeof(dst_t):
+        raise ValueError("lut: tables must be contiguous")
+    if n == 0:
+        return
+    with nogil:
+        for s in range(S):
+            sp = &src[s, 0]
+            dp = &dst[s, 0]
+            e0 = 0
+            while e0 < n:
+                e1 = (e0 // inner + 1) * inner
+                if e1 > n:
+                    e1 = n
+                ch = (e0 // inner) % nch
+                tbl = &tables[s if tables.shape[0] > 1 else 0, 256 * ch]
+                for t in range(e0, e1):
+                    dp[t] = tbl[sp[t] ^ flip]
+                e0 = e1
+
+
 def vadd(const uint8_t[:, :] a, const uint8_t[:, :] b, uint8_t[:, :] d, int code, double a_zp,
          double b_zp, double ma, double mb, double r, double c, double lo, double hi):
     """d = clip(floor(((a - a_zp) ma + (b - b_zp) mb) r + c), lo, hi) over (S or 1, count)

@@ -285,8 +285,13 @@ class Machine:
             np.clip(t, lo, hi, out=t)
             dst[i:i + step] = t if fits else t.astype(np.int32).astype(dst.dtype)
 
-    def _vlut(self, src: Block, tables: Block, dst: Block, signed: bool, nch: int, chan: Optional[np.ndarray]):
+    def _vlut(self, src: Block, tables: Block, dst: Block, signed: bool, nch: int, chan: Optional[np.ndarray],
+              inner: int):
         x = self._view(src)
+        if dst[1] in _FLOAT_KERNEL_TYPES and dst[1] != np.float64:     # one pass (_kernels.lut)
+            t = self._view(tables)
+            _kernels.lut(x.view(np.uint8), t.reshape(t.shape[0], -1), self._view(dst), signed, nch, inner)
+            return
         idx = x.view(np.uint8) ^ np.uint8(0x80) if signed else x.view(np.uint8)     # x - min(dtype_in)
         t = self._view(tables)
         flat = t.reshape(t.shape[0], nch * 256)
@@ -559,7 +564,7 @@ class _Plan:
         tables = self.block(WGT, tout, a["table"], (nch, 256), (256, 1), f"instruction {pc} VLUT tables")
         dst = self.block(ACT, tout, a["dst"], (c,), (1,), f"instruction {pc} VLUT destination")
         chan = 256 * ((np.arange(c) // a["inner"]) % nch) if nch > 1 else None
-        return Machine._vlut, src, tables, dst, tin == DType.INT8, nch, chan
+        return Machine._vlut, src, tables, dst, tin == DType.INT8, nch, chan, max(1, a["inner"])
 
     def _window(self, a, pc, what):
         c, ih, iw = a["channels"], a["ih"], a["iw"]
