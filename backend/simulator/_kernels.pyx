@@ -344,23 +344,34 @@ def vadd(const uint8_t[:, :] a, const uint8_t[:, :] b, uint8_t[:, :] d, int code
 def gather_rows(const uint8_t[:, :, :, :, :, :] a, uint8_t[:, ::1] out):
     """out[(s, i, j), (p, q, r)] = a[s, i, j, p, q, r]: the implicit im2col of a MATMUL
     operand made explicit, for a view whose innermost axis is contiguous (the channels
-    of pixel-major planes): one memcpy per run of a.shape[5] bytes, where numpy copies
-    element by element."""
+    of pixel-major planes, or single channels): runs of a.shape[5] bytes, or of
+    a.shape[4] a.shape[5] bytes when the window's columns are adjacent too, where numpy
+    copies a few bytes per inner loop. Short runs are copied inline, long ones by memcpy."""
     cdef Py_ssize_t S = a.shape[0], M0 = a.shape[1], M1 = a.shape[2], K0 = a.shape[3], K1 = a.shape[4]
     cdef Py_ssize_t K2 = a.shape[5]
-    cdef Py_ssize_t s, i, j, p, q, row = 0
+    cdef Py_ssize_t s, i, j, p, q, t, row = 0, run = K2, runs = K1
     cdef uint8_t* d
+    cdef const uint8_t* src
     if (a.strides[5] != 1 and K2 > 1) or out.shape[0] != S * M0 * M1 or out.shape[1] != K0 * K1 * K2:
         raise ValueError("gather_rows: operand and output do not match")
+    if K1 > 1 and a.strides[4] == K2:         # the window's columns follow each other: one run per row
+        run, runs = K1 * K2, 1
+    if run == 0:
+        return
     with nogil:
         for s in range(S):
             for i in range(M0):
                 for j in range(M1):
                     d = &out[row, 0]
                     for p in range(K0):
-                        for q in range(K1):
-                            memcpy(d, &a[s, i, j, p, q, 0], K2)
-                            d += K2
+                        for q in range(runs):
+                            src = &a[s, i, j, p, q, 0]
+                            if run >= 32:
+                                memcpy(d, src, run)
+                            else:
+                                for t in range(run):
+                                    d[t] = src[t]
+                            d += run
                     row += 1
 
 
@@ -406,15 +417,21 @@ def im2col_f32(const pix_t[:, :, :, :, :, :] a, float[:, ::1] out, int flip, int
                     row += 1
 
 
-def accumulate(int32_t[:, :, :] acc, const float[:, ::1] res, const int32_t[::1] col=None,
+ctypedef fused prod_t:
+    float
+    int32_t
+
+
+def accumulate(int32_t[:, :, :] acc, const prod_t[:, ::1] res, const int32_t[::1] col=None,
                const int32_t[::1] row=None):
-    """acc[s, i, j] += res[s M + i, j] (an exact integer in float32) [+ col[j]] [+ row[s M + i]],
-    modulo 2^32 as the int32 accumulator adds (-fwrapv)."""
+    """acc[s, i, j] += res[s M + i, j] (int32, or an exact integer in float32) [+ col[j]]
+    [+ row[s M + i]], modulo 2^32 as the int32 accumulator adds (-fwrapv): one pass where
+    numpy's strided adds over short accumulator rows take one each."""
     cdef Py_ssize_t S = acc.shape[0], M = acc.shape[1], N = acc.shape[2]
     cdef Py_ssize_t s, i, j, r
     cdef int32_t extra
     cdef int32_t* ap
-    cdef const float* rp
+    cdef const prod_t* rp
     cdef bint has_col = col is not None, has_row = row is not None
     if res.shape[0] != S * M or res.shape[1] != N or (has_col and col.shape[0] != N) or \
             (has_row and row.shape[0] != S * M):

@@ -167,7 +167,8 @@ class Machine:
         read through a window (convolutions) is first turned pixel-major, so the gather
         copies runs of k1 * k2 elements instead of single ones."""
         a = self._pixel_major(a, planar, i)
-        if a.itemsize == 1 and a.strides[5] == 1 and a.shape[5] >= 16 and not a.flags.c_contiguous:
+        if a.itemsize == 1 and (a.strides[5] == 1 or a.shape[5] == 1) and not a.flags.c_contiguous and \
+                (a.shape[5] >= 16 or a.strides[4] == a.shape[5]):
             out = np.empty((a.size // k, k), a.dtype)
             _kernels.gather_rows(a.view(np.uint8), out.view(np.uint8))     # runs of channels, memcpy each
             return out

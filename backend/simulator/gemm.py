@@ -88,11 +88,8 @@ class IntMmGemm:
 
     def accumulate(self, acc: np.ndarray, a: np.ndarray, b, col: Optional[np.ndarray] = None,
                    row: Optional[np.ndarray] = None) -> None:
-        acc += _torch._int_mm(_torch.from_numpy(a), b).numpy().reshape(acc.shape)
-        if col is not None:
-            acc += col
-        if row is not None:
-            acc += row.reshape(acc.shape[:2] + (1,))
+        res = _torch._int_mm(_torch.from_numpy(a), b).numpy()
+        _kernels.accumulate(acc, res, col, row)      # one pass: product and zero-point terms
 
 
 _ENGINE = None
