@@ -286,6 +286,29 @@ def depthwise(const pix_t[:, :, :, :] src, const int8_t[:, :, :, :] wgt, int32_t
                                     ap[x * ys] += (<int32_t>sp[x * xs] - x_zp) * w
 
 
+def maxpool(const pix_t[:, :, :, :] src, pix_t[:, :, :, :] dst, int kh, int kw, int sh, int sw, int dh, int dw):
+    """dst[n, c, y, x] = max_ij src[n, c, y sh + i dh, x sw + j dw] over (N, C, H, W) planes of
+    8-bit values: VPOOL's max mode in one pass, where numpy takes a strided pass per tap."""
+    cdef Py_ssize_t N = dst.shape[0], C = dst.shape[1], OH = dst.shape[2], OW = dst.shape[3]
+    cdef Py_ssize_t n, c, y, x, i, j
+    cdef pix_t m, v
+    if src.shape[0] != N or src.shape[1] != C or kh < 1 or kw < 1 or \
+            (OH - 1) * sh + (kh - 1) * dh >= src.shape[2] or (OW - 1) * sw + (kw - 1) * dw >= src.shape[3]:
+        raise ValueError("maxpool: windows and planes do not match")
+    with nogil:
+        for n in range(N):
+            for c in range(C):
+                for y in range(OH):
+                    for x in range(OW):
+                        m = src[n, c, y * sh, x * sw]
+                        for i in range(kh):
+                            for j in range(kw):
+                                v = src[n, c, y * sh + i * dh, x * sw + j * dw]
+                                if v > m:
+                                    m = v
+                        dst[n, c, y, x] = m
+
+
 def lut(const uint8_t[:, :] src, const dst_t[:, :] tables, dst_t[:, :] dst, bint signed, Py_ssize_t nch,
         Py_ssize_t inner):
     """dst[s, e] = tables[s or 0, 256 ch + (src[s, e] ^ 0x80 if signed else src[s, e])],

@@ -304,11 +304,20 @@ class Machine:
     def _vpool(self, src: Block, dst: Block, win, mode: int, x_zp, mult, shift, out_zp, lo, hi):
         x = self._view(src)
         d = self._view(dst)
+        one_byte = x.dtype.itemsize == 1 and x.dtype.kind in "iu"
         if mode == PoolMode.MAX:
-            d[...] = _pool(x, win, np.maximum, x.dtype)
+            if one_byte:
+                _kernels.maxpool(x, d, *win[:6])
+            else:
+                d[...] = _pool(x, win, np.maximum, x.dtype)
             return
         taps = win[0] * win[1]
         bound = taps * _bound(x.dtype, x_zp)
+        if one_byte and win[6] * win[7] > 1 and bound < 2 ** 31:    # window sums: a depthwise conv with 1s
+            acc = np.zeros(d.shape, np.int32)
+            _kernels.depthwise(x, self.plan.ones(x.shape[1], win[0], win[1]), acc, int(x_zp), *win[2:6])
+            self._requant(d, acc, 0, bound, mult, shift, out_zp, lo, hi)
+            return
         acc = _pool(x, win, np.add, np.int32 if taps * _bound(x.dtype, 0) < 2 ** 31 else np.int64)
         self._requant(d, acc, x_zp * taps, bound, mult, shift, out_zp, lo, hi)
 
@@ -447,9 +456,16 @@ class _Plan:
         self.const = np.zeros((1, _round8(len(program.const))), np.uint8)
         self.const[0, :len(program.const)] = np.frombuffer(program.const, dtype=np.uint8)
         self.const.flags.writeable = False
-        self.cache: Dict[int, tuple] = {}                       # MATMUL index -> _weight_sums
+        self.cache: Dict[object, object] = {}                   # MATMUL index -> _weight_sums; ones()
         self.host = HostRunner(program)                         # its sessions serve every run
         self.steps = [(s[0], s[1:]) for s in (_DECODE[ins.op](self, ins.args, pc) for pc, ins in enumerate(instrs))]
+
+    def ones(self, c: int, kh: int, kw: int) -> np.ndarray:
+        """(1, c, kh, kw) int8 weights of 1: average pools' window sums as depthwise convolutions."""
+        w = self.cache.get(("ones", c, kh, kw))
+        if w is None:
+            w = self.cache[("ones", c, kh, kw)] = np.ones((1, c, kh, kw), np.int8)
+        return w
 
     @classmethod
     def of(cls, program: Program, instrs: List[Instr], limits) -> "_Plan":
