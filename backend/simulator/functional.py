@@ -637,7 +637,8 @@ def _channel_major(av: np.ndarray) -> Optional[np.ndarray]:
     if k0 * k1 != 1 or k2 < 2 or (m1 > 1 and st[2] != isz) or (m0 > 1 and st[1] != m1 * isz) or \
             abs(st[5]) < m0 * m1 * isz:
         return None
-    return np.lib.stride_tricks.as_strided(av, (s, k2, m0 * m1), (st[0], st[5], isz), writeable=False)
+    # a view: the checks above make the m0 m1 pixels consecutive, so the reshape merges them
+    return av[:, :, :, 0, 0, :].transpose(0, 3, 1, 2).reshape(s, k2, m0 * m1)
 
 
 def _fused_vadd(ops, a) -> Optional[Tuple[int, float]]:
