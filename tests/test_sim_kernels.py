@@ -62,9 +62,11 @@ def test_depthwise_kernel_equals_int32_sums(data):
     kh, kw = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))
     sh, sw, dh, dw = (data.draw(st.integers(1, 3)) for _ in range(4))
     oh, ow = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 6))
-    ih, iw = (oh - 1) * sh + (kh - 1) * dh + 1 + data.draw(st.integers(0, 2)), (ow - 1) * sw + (kw - 1) * dw + 1
+    ih = (oh - 1) * sh + (kh - 1) * dh + 1 + data.draw(st.integers(0, 2))
+    iw = (ow - 1) * sw + (kw - 1) * dw + 1 + data.draw(st.integers(0, 2))
     dt = data.draw(st.sampled_from([np.int8, np.uint8]))
-    x = rng.integers(np.iinfo(dt).min, int(np.iinfo(dt).max) + 1, (n, c, ih, iw)).astype(dt)
+    x = rng.integers(np.iinfo(dt).min, int(np.iinfo(dt).max) + 1, (n, c, ih, iw + 3)).astype(dt)
+    x = x[..., :iw] if data.draw(st.booleans()) else np.ascontiguousarray(x[..., :iw])   # rows apart, or not
     w = rng.integers(-128, 128, (data.draw(st.sampled_from([1, n])), c, kh, kw)).astype(np.int8)
     x_zp = int(rng.integers(-128, 256))
     acc = rng.integers(-(1 << 31), 1 << 31, (n, c, oh, ow), dtype=np.int64).astype(np.int32)

@@ -235,19 +235,38 @@ def depthwise(const pix_t[:, :, :, :] src, const int8_t[:, :, :, :] wgt, int32_t
     if src.shape[0] != N or src.shape[1] != C or wgt.shape[1] != C or wgt.shape[0] not in (1, N) or \
             (OH - 1) * sh + (KH - 1) * dh >= src.shape[2] or (OW - 1) * sw + (KW - 1) * dw >= src.shape[3]:
         raise ValueError("depthwise: windows, planes or weights do not match")
-    cdef Py_ssize_t ws = src.strides[2] // <Py_ssize_t>sizeof(pix_t), L = (OH - 1) * ws + OW, t
+    cdef Py_ssize_t H = src.shape[2], W = src.shape[3], ws = src.strides[2] // <Py_ssize_t>sizeof(pix_t)
+    cdef Py_ssize_t pw, vrow, L, t, ph, xp, col
     cdef int32_t* tmp
-    if sh == 1 and xs == 1 and OH > 1 and src.strides[2] % sizeof(pix_t) == 0 and ws >= src.shape[3]:
-        # unit strides: each tap is one long run over the flattened plane (its rows ws apart),
-        # computed on ws-wide rows whose last ws - OW columns are dropped: runs of about
-        # OH ws elements vectorise where runs of OW (7 to 28 here) hardly do
+    cdef pix_t* phases = NULL
+    cdef const pix_t* plane
+    if src.strides[3] == sizeof(pix_t) and src.strides[2] % sizeof(pix_t) == 0 and ws >= W and OH * OW > 0:
+        # Each tap is one long run over a flattened plane, where rows of OW (7 to 28 here)
+        # hardly vectorise: on the plane itself (rows ws apart) for unit column strides, else
+        # on its sw column phases (phase ph holds columns ph, ph + sw, ...: a tap's columns
+        # x sw + j dw are then consecutive in phase (j dw) % sw). Outputs are computed on
+        # virtual rows sh times the row width and their extra columns dropped.
+        pw = ws if sw == 1 else (W + sw - 1) // sw
+        vrow = sh * pw
+        L = (OH - 1) * vrow + OW
         tmp = <int32_t*>malloc(L * sizeof(int32_t))
-        if tmp == NULL:
+        if sw > 1:
+            phases = <pix_t*>malloc(sw * H * pw * sizeof(pix_t))
+        if tmp == NULL or (sw > 1 and phases == NULL):
+            free(tmp)
+            free(phases)
             raise MemoryError()
         with nogil:
             for n in range(N):
                 wn = n if wgt.shape[0] > 1 else 0
                 for c in range(C):
+                    plane = &src[n, c, 0, 0]
+                    if sw > 1:
+                        for ph in range(sw):
+                            for y in range(H):
+                                for xp in range(pw):
+                                    col = xp * sw + ph
+                                    phases[(ph * H + y) * pw + xp] = plane[y * ws + col] if col < W else <pix_t>x_zp
                     for t in range(L):
                         tmp[t] = 0
                     for i in range(KH):
@@ -255,7 +274,10 @@ def depthwise(const pix_t[:, :, :, :] src, const int8_t[:, :, :, :] wgt, int32_t
                             w = wgt[wn, c, i, j]
                             if w == 0:
                                 continue
-                            sp = &src[n, c, i * dh, j * dw]
+                            if sw > 1:
+                                sp = &phases[((j * dw) % sw * H + i * dh) * pw + (j * dw) // sw]
+                            else:
+                                sp = &plane[i * dh * ws + j * dw]
                             if pix_t is uint8_t:
                                 qc_tap_u8(tmp, sp, L, x_zp, w)                   # wraps modulo 2^32 (-fwrapv)
                             else:
@@ -263,8 +285,9 @@ def depthwise(const pix_t[:, :, :, :] src, const int8_t[:, :, :, :] wgt, int32_t
                     for y in range(OH):
                         ap = &acc[n, c, y, 0]
                         for x in range(OW):
-                            ap[x * ys] += tmp[y * ws + x]
+                            ap[x * ys] += tmp[y * vrow + x]
         free(tmp)
+        free(phases)
         return
     with nogil:
         for n in range(N):
