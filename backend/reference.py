@@ -13,10 +13,18 @@ lower-integer keeps K * 255 * 255 < 2^31 in practice). Requantization is int64.
 
 Default-domain ops that are not data movement are float ops on the host (DESIGN:
 "HOST"): they run in onnxruntime, one node at a time, between Dequantize and Quantize.
+
+`integer_graph_shapes(model, inputs)` is the same evaluator without the data: the shape
+and element type of every tensor from the input shapes alone, for the lowering (a
+VGG-19 run on zeros spent seconds and gigabytes in its float64 matrix products to learn
+shapes). Each op has a shape rule beside its arithmetic below; values that do not depend
+on the data (constants, Shape, and ops on them) are computed exactly, by the same code
+the full run uses. Where a shape would depend on data (NonZero, a Reshape to a computed
+shape, ...) it raises `ShapesNeedValues` and the caller runs the full evaluator.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -25,11 +33,16 @@ from qcompile.quant_math import (
     DEQUANTIZE, DOMAIN, QADD, QAVERAGEPOOL, QCONV, QGEMM, QMATMUL, QMUL, QUANTIZE, REQUANTIZE, requantize,
 )
 
-__all__ = ["run_integer_graph", "IntegerGraphError"]
+__all__ = ["run_integer_graph", "integer_graph_shapes", "IntegerGraphError", "ShapesNeedValues"]
 
 
 class IntegerGraphError(RuntimeError):
     """The graph holds something the integer reference cannot run."""
+
+
+class ShapesNeedValues(IntegerGraphError):
+    """`integer_graph_shapes` cannot tell a shape without the data (or the graph is
+    malformed there): run the full evaluator, which computes it or names the error."""
 
 
 def run_integer_graph(model, feeds: Mapping[str, np.ndarray], outputs: Optional[Sequence[str]] = None
@@ -383,3 +396,310 @@ class _Host:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+# -- shapes only ---------------------------------------------------------------------
+class _Spec(NamedTuple):
+    """What the shapes-only evaluator knows of a tensor: its shape and element type,
+    and its value where that does not depend on the data (else None)."""
+    shape: Tuple[int, ...]
+    dtype: np.dtype
+    value: Optional[np.ndarray] = None
+
+
+# ops whose output shape depends on the data itself
+_DATA_SHAPED = frozenset({"NonZero", "Unique", "Compress"})
+_NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                               "Multinomial", "Bernoulli", "Dropout"})
+# one input, one output of the same shape and type
+_SAME_SHAPE = frozenset({
+    "Sigmoid", "Tanh", "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish", "Softplus",
+    "Softsign", "Exp", "Log", "Erf", "Gelu", "Neg", "Abs", "Sqrt", "Reciprocal", "Mish", "Sin", "Cos", "Floor",
+    "Ceil", "Round", "Sign", "Identity", "ThresholdedRelu", "Softmax", "LogSoftmax", "Hardmax", "Not"})
+# two inputs of one type broadcast (numpy rules, as ONNX's multidirectional broadcasting)
+_BROADCAST = frozenset({"Add", "Sub", "Mul", "Div"})
+
+
+def integer_graph_shapes(model, inputs: Mapping[str, Tuple[Sequence[int], np.dtype]]
+                         ) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, np.dtype], Dict[str, np.ndarray]]:
+    """Shapes and element types of every tensor of an integer graph, given the graph
+    inputs' {name: (shape, dtype)}: ({name: shape}, {name: dtype}, {name: value}), the
+    values for the tensors that do not depend on the data (initializers included).
+    What `run_integer_graph` on inputs of those shapes would give, without computing
+    the data; raises ShapesNeedValues where a shape needs the data."""
+    model = _as_model(model)
+    g = model.graph
+    env: Dict[int, _Spec] = {}
+    for v in g.initializers.values():
+        a = np.asarray(v.const_value)
+        env[id(v)] = _Spec(a.shape, a.dtype, a)
+    for v in g.inputs:
+        if v.name in inputs:
+            shape, dtype = inputs[v.name]
+            env[id(v)] = _Spec(tuple(int(d) for d in shape), np.dtype(dtype))
+        elif id(v) not in env:
+            raise IntegerGraphError(f"no feed for graph input %{v.name}")
+    host = _Host(model)
+    for node in g.nodes:
+        args = [None if v is None else env[id(v)] for v in node.inputs]
+        try:
+            results = _node_shapes(node, args, host)
+        except IntegerGraphError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the full run reports it properly
+            raise ShapesNeedValues(f"node {node.label}: {type(e).__name__}: {e}") from None
+        if len(results) < len(node.outputs):
+            raise ShapesNeedValues(f"node {node.label}: {len(node.outputs)} outputs, {len(results)} known")
+        for v, r in zip(node.outputs, results):
+            env[id(v)] = r
+    shapes, dtypes, values = {}, {}, {}
+    for v in g.values():
+        spec = env.get(id(v))
+        if spec is None:
+            continue
+        shapes[v.name], dtypes[v.name] = spec.shape, spec.dtype
+        if spec.value is not None:
+            values[v.name] = spec.value
+    return shapes, dtypes, values
+
+
+def _node_shapes(node: Node, args: List[Optional[_Spec]], host: "_Host") -> List[_Spec]:
+    present = [a for a in args if a is not None]
+    if node.domain == DOMAIN:
+        fn = _SHAPE_OPS.get(node.op_type)
+        if fn is None:
+            raise IntegerGraphError(f"unknown op {DOMAIN}.{node.op_type} (node {node.label})")
+        return [fn(node, *args)]
+    op = node.op_type
+    known = all(a.value is not None for a in present)
+    if node.domain in ("", "ai.onnx") and op in _MOVES:
+        if known:
+            return [_known(_MOVES[op](node, *[None if a is None else a.value for a in args]))]
+        return [_MOVE_SHAPES[op](node, *args)]
+    standard = node.domain in ("", "ai.onnx")
+    if standard and op == "Shape" and present:
+        rank = len(present[0].shape)
+        start, end = _attr(node, "start", 0), _attr(node, "end", None)
+        return [_known(np.array(present[0].shape[slice(start, rank if end is None else end)], np.int64))]
+    if standard and op == "Size" and present:
+        return [_known(np.array(int(np.prod(present[0].shape, dtype=np.int64)), np.int64))]
+    has_subgraphs = any(True for _ in node.subgraphs())
+    if known and (present or op == "Constant") and op not in _NONDETERMINISTIC and not has_subgraphs:
+        return [_known(r) for r in host.run(node, [None if a is None else a.value for a in args])]
+    if op in _DATA_SHAPED or has_subgraphs:
+        raise ShapesNeedValues(f"node {node.label}: the shape of a {op} depends on the data")
+    if standard and op in _SAME_SHAPE and len(present) == 1 and len(node.outputs) == 1:
+        return [_Spec(present[0].shape, present[0].dtype)]
+    if standard and op in _BROADCAST and len(present) == 2 and len(node.outputs) == 1 and \
+            present[0].dtype == present[1].dtype:
+        return [_Spec(np.broadcast_shapes(present[0].shape, present[1].shape), present[0].dtype)]
+    # any other host op: run it once on zeros of its input shapes (the shape of every
+    # ONNX op but those above follows from its input shapes and constant operands)
+    zeros = [None if a is None else a.value if a.value is not None else np.zeros(a.shape, a.dtype) for a in args]
+    return [_Spec(np.shape(r), np.asarray(r).dtype) for r in host.run(node, zeros)]
+
+
+def _known(a) -> _Spec:
+    a = np.asarray(a)
+    return _Spec(a.shape, a.dtype, a)
+
+
+def _shape(x) -> Tuple[int, ...]:
+    return np.shape(x)
+
+
+def _finish_shape(node: Node, acc, multiplier, shift) -> _Spec:
+    """`_finish`'s result: acc broadcast against the requantization parameters."""
+    shape = np.broadcast_shapes(acc, multiplier, shift, *(np.shape(_attr(node, k, 0)) for k in
+                                                          ("out_zero_point", "out_min", "out_max")))
+    return _Spec(shape, np.dtype(_out_dtype(node)))
+
+
+def _channel_shape(a: Optional[_Spec], ndim: int, axis: int) -> Tuple[int, ...]:
+    """The shape `_channel` gives a per-channel vector."""
+    size = int(np.prod(a.shape, dtype=np.int64))
+    if len(a.shape) == 0 or size == 1:
+        return ()
+    shape = [1] * ndim
+    shape[axis] = size
+    return tuple(shape)
+
+
+def _window_counts(sizes, kernel, strides, dilations, least: int = 1) -> Tuple[int, ...]:
+    """Output positions of a sliding window over (padded) `sizes`, as `_windows` slices
+    them (a window larger than the input is an error there; `_window_sums` with
+    least=0 gives no positions for a window one longer)."""
+    out = []
+    for n, k, s, dl in zip(sizes, kernel, strides, dilations):
+        span = n - ((k - 1) * dl + 1) + 1
+        if span < least or s <= 0:
+            raise ValueError(f"window {k} (dilation {dl}) over {n} elements")
+        out.append(len(range(0, span, s)))
+    return tuple(out)
+
+
+def _matmul_shape(a: Tuple[int, ...], b: Tuple[int, ...]) -> Tuple[int, ...]:
+    """np.matmul's result shape."""
+    if not a or not b:
+        raise ValueError("matmul of a scalar")
+    a2 = (1,) + tuple(a) if len(a) == 1 else tuple(a)
+    b2 = tuple(b) + (1,) if len(b) == 1 else tuple(b)
+    if a2[-1] != b2[-2]:
+        raise ValueError(f"matmul of {a} and {b}")
+    out = np.broadcast_shapes(a2[:-2], b2[:-2]) + (a2[-2], b2[-1])
+    if len(b) == 1:
+        out = out[:-1]
+    if len(a) == 1:
+        out = out[:-2] + out[-1:] if len(b) > 1 else out[:-1]
+    return tuple(out)
+
+
+def _qconv_shape(node: Node, x, w, bias=None, multiplier=None, shift=None, w_zp=None) -> _Spec:
+    d = len(x.shape) - 2
+    kernel = list(_attr(node, "kernel_shape", None) or w.shape[2:])
+    strides = list(_attr(node, "strides", None) or [1] * d)
+    dilations = list(_attr(node, "dilations", None) or [1] * d)
+    pads = list(_attr(node, "pads", None) or [0] * (2 * d))
+    group = int(_attr(node, "group", 1))
+    n, c = x.shape[:2]
+    m = w.shape[0]
+    kk = (c // group) * int(np.prod(kernel))
+    if d < 1 or c != group * (c // group) or m % group or int(np.prod(w.shape[1:])) != kk:
+        raise ValueError(f"convolution of {x.shape} by {w.shape} in {group} groups")
+    padded = [x.shape[2 + i] + (pads[i] + pads[i + d] if any(pads) else 0) for i in range(d)]
+    acc = (n, m) + _window_counts(padded, kernel, strides, dilations)
+    if bias is not None:
+        acc = np.broadcast_shapes(acc, _channel_shape(bias, len(acc), 1))
+    return _finish_shape(node, acc, _channel_shape(multiplier, len(acc), 1), _channel_shape(shift, len(acc), 1))
+
+
+def _qgemm_shape(node: Node, x, w, bias=None, multiplier=None, shift=None, w_zp=None) -> _Spec:
+    wshape = w.shape[::-1] if int(_attr(node, "transB", 0)) else w.shape
+    acc = _matmul_shape(x.shape, wshape)
+    if bias is not None:
+        acc = np.broadcast_shapes(acc, (int(np.prod(bias.shape, dtype=np.int64)),))
+    return _finish_shape(node, acc, _channel_shape(multiplier, 2, 1), _channel_shape(shift, 2, 1))
+
+
+def _qmatmul_shape(node: Node, x, w, multiplier=None, shift=None, w_zp=None) -> _Spec:
+    acc = _matmul_shape(x.shape, w.shape)
+    nd = len(acc)
+    return _finish_shape(node, acc, _channel_shape(multiplier, nd, nd - 1), _channel_shape(shift, nd, nd - 1))
+
+
+def _qadd_shape(node: Node, a, b) -> _Spec:
+    return _finish_shape(node, np.broadcast_shapes(a.shape, b.shape), (), np.shape(_attr(node, "shift")))
+
+
+def _qmul_shape(node: Node, a, b) -> _Spec:
+    return _finish_shape(node, np.broadcast_shapes(a.shape, b.shape), np.shape(_attr(node, "multiplier")),
+                         np.shape(_attr(node, "shift")))
+
+
+def _qavgpool_shape(node: Node, x, multiplier=None, shift=None) -> _Spec:
+    d = len(x.shape) - 2
+    if _attr(node, "global", 0):
+        acc = tuple(x.shape[:2]) + (1,) * d
+    else:
+        kernel = list(_attr(node, "kernel_shape"))
+        strides = list(_attr(node, "strides", None) or [1] * d)
+        pads = list(_attr(node, "pads", None) or [0] * (2 * d))
+        per_position = multiplier is not None and len(multiplier.shape) == d
+        if per_position:
+            out = multiplier.shape
+            for i in range(d):
+                need = (out[i] - 1) * strides[i] + kernel[i] - (x.shape[2 + i] + pads[i] + pads[i + d])
+                pads[i + d] += max(need, 0)
+        padded = [x.shape[2 + i] + (pads[i] + pads[i + d] if any(pads) else 0) for i in range(d)]
+        sums = _window_counts(padded, kernel, strides, [1] * d, least=0)
+        if per_position:
+            sums = tuple(min(s, m) for s, m in zip(sums, multiplier.shape))
+        acc = tuple(x.shape[:2]) + sums
+    if multiplier is None:
+        return _finish_shape(node, acc, np.shape(_attr(node, "multiplier")), np.shape(_attr(node, "shift")))
+    if shift is None:
+        raise ValueError("a multiplier input without a shift")
+    return _finish_shape(node, acc, multiplier.shape, shift.shape)
+
+
+def _requant_shape(node: Node, x) -> _Spec:
+    return _finish_shape(node, x.shape, np.shape(_attr(node, "multiplier")), np.shape(_attr(node, "shift")))
+
+
+def _scaled_shape(node: Node, x, scale, zp) -> Tuple[int, ...]:
+    """The broadcast of x against the scale and zero point as Quantize and Dequantize
+    reshape them."""
+    axis = _attr(node, "axis", 1)
+    size = int(np.prod(scale.shape, dtype=np.int64))
+    z = () if zp is None else zp.shape
+    if len(scale.shape):
+        if int(np.prod(z, dtype=np.int64)) != size:
+            raise ValueError(f"zero point of shape {z} for a scale of {size}")
+        s = z = tuple(_bshape(len(x.shape), axis, size))
+    else:
+        s = ()
+    return np.broadcast_shapes(x.shape, s, z)
+
+
+def _quantize_shape(node: Node, x, scale, zp=None) -> _Spec:
+    return _Spec(_scaled_shape(node, x, scale, zp), np.dtype(np.uint8) if zp is None else zp.dtype)
+
+
+def _dequantize_shape(node: Node, x, scale, zp=None) -> _Spec:
+    return _Spec(_scaled_shape(node, x, scale, zp), np.dtype(np.float32))
+
+
+_SHAPE_OPS = {QCONV: _qconv_shape, QGEMM: _qgemm_shape, QMATMUL: _qmatmul_shape, QADD: _qadd_shape,
+              QMUL: _qmul_shape, QAVERAGEPOOL: _qavgpool_shape, REQUANTIZE: _requant_shape,
+              QUANTIZE: _quantize_shape, DEQUANTIZE: _dequantize_shape}
+
+
+def _maxpool_shape(node: Node, x) -> _Spec:
+    d = len(x.shape) - 2
+    kernel = list(_attr(node, "kernel_shape"))
+    strides = list(_attr(node, "strides", None) or [1] * d)
+    dilations = list(_attr(node, "dilations", None) or [1] * d)
+    pads = list(_attr(node, "pads", None) or [0] * (2 * d))
+    if _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET") or x.dtype.kind not in "iu" or d < 1:
+        raise ValueError("MaxPool the reference refuses")
+    if _attr(node, "ceil_mode", 0):
+        for i in range(d):
+            eff = (kernel[i] - 1) * dilations[i] + 1
+            span = x.shape[2 + i] + pads[i] + pads[i + d] - eff
+            pads[i + d] += (-span) % strides[i]
+    padded = [x.shape[2 + i] + (pads[i] + pads[i + d] if any(pads) else 0) for i in range(d)]
+    return _Spec(tuple(x.shape[:2]) + _window_counts(padded, kernel, strides, dilations), x.dtype)
+
+
+def _phantom(spec: _Spec) -> np.ndarray:
+    """An array of the spec's shape that occupies one element (all strides 0): views
+    of it (reshape, transpose, squeeze) give numpy's own shapes and errors for free."""
+    return np.lib.stride_tricks.as_strided(np.zeros(1, spec.dtype), spec.shape, (0,) * len(spec.shape))
+
+
+def _view_shape(fn):
+    def rule(node: Node, x, *rest) -> _Spec:
+        if any(r is not None and r.value is None for r in rest):
+            raise ShapesNeedValues(f"node {node.label}: {node.op_type} with an operand computed from the data")
+        y = fn(node, _phantom(x), *[None if r is None else r.value for r in rest])
+        return _Spec(y.shape, x.dtype)
+    return rule
+
+
+def _concat_shape(node: Node, *xs) -> _Spec:
+    rank = len(xs[0].shape)
+    axis = _attr(node, "axis")
+    if not -rank <= axis < rank or any(len(x.shape) != rank for x in xs):
+        raise ValueError("Concat of tensors of different ranks")
+    axis %= rank
+    rest = {x.shape[:axis] + x.shape[axis + 1:] for x in xs}
+    if len(rest) != 1:
+        raise ValueError("Concat of tensors of different shapes")
+    shape = list(xs[0].shape)
+    shape[axis] = sum(x.shape[axis] for x in xs)
+    return _Spec(tuple(shape), np.result_type(*[x.dtype for x in xs]))
+
+
+_MOVE_SHAPES = {"MaxPool": _maxpool_shape, "Flatten": _view_shape(_flatten), "Reshape": _view_shape(_reshape),
+                "Transpose": _view_shape(_transpose), "Squeeze": _view_shape(_squeeze),
+                "Unsqueeze": _view_shape(_unsqueeze), "Concat": _concat_shape}

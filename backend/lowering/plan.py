@@ -15,8 +15,10 @@ Each node of the integer graph becomes one of:
   5. a HOST op: everything else (Softmax, LayerNorm, LSTM, an operand precision the
      target lacks, ...), run on the host between DRAM tensors and listed in the report.
 
-Shapes are those of one inference: a symbolic leading (batch) dimension is 1. They are
-taken from one run of the integer reference on zeros, which also checks the graph runs.
+Shapes are those of one inference: a symbolic leading (batch) dimension is 1. They come
+from the integer reference's shapes-only pass (`integer_graph_shapes`: shape rules per
+op, exact values for shape computations), and from one run of the reference on zeros
+only where a shape depends on the data.
 """
 from __future__ import annotations
 
@@ -107,8 +109,6 @@ def _bits_of(name: str, table: Dict[str, Any], dtype) -> int:
 def plan_layers(model: Model) -> Plan:
     import json
 
-    from ..reference import run_integer_graph
-
     g = model.graph
     feeds = {}
     for v in g.inputs:
@@ -126,20 +126,8 @@ def plan_layers(model: Model) -> Plan:
             else:
                 raise LoweringError(f"graph input %{v.name} has a symbolic dimension {d!r} at axis {i}: export the "
                                     "model with static shapes (only a leading batch dimension may be symbolic)")
-        feeds[v.name] = np.zeros(shape, t.dtype.numpy_dtype)
-    names = [v.name for v in g.values() if v.const_value is None]
-    try:
-        env = run_integer_graph(model, feeds, outputs=names)
-    except QCompileError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the graph itself is at fault
-        raise LoweringError(f"the integer graph does not run: {e}") from None
-    by_name = {v.name: v for v in g.values()}
-    shapes = {id(by_name[n]): tuple(int(s) for s in np.shape(a)) for n, a in env.items()}
-    dtypes = {id(by_name[n]): np.asarray(a).dtype for n, a in env.items()}
-    for v in g.initializers.values():
-        shapes[id(v)] = tuple(np.shape(v.const_value))
-        dtypes[id(v)] = np.asarray(v.const_value).dtype
+        feeds[v.name] = (tuple(shape), np.dtype(t.dtype.numpy_dtype))
+    shapes, dtypes, values = _tensor_shapes(model, feeds)
     meta = dict(model.metadata_props)
     try:
         raw_bits = json.loads(meta.get(WEIGHT_BITS_KEY, "{}"))
@@ -147,7 +135,7 @@ def plan_layers(model: Model) -> Plan:
         raw_bits = {}
     weight_bits = {k: _bits_of(k, raw_bits, np.int8) for k in raw_bits}
 
-    static = _static_values(g, env, by_name)
+    static = _static_values(g, values)
     layers: List[Layer] = []
     consumed: Set[int] = {id(n) for n in g.nodes if all(id(o) in static for o in n.outputs)}
     inputs_spec, outputs_spec = [], []
@@ -205,7 +193,47 @@ _NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLik
                                "Bernoulli", "Dropout"})
 
 
-def _static_values(g, env, by_name) -> Dict[int, np.ndarray]:
+def _tensor_shapes(model: Model, inputs: Dict[str, Tuple[tuple, np.dtype]]):
+    """({id: shape}, {id: dtype}, {id: value}) of every tensor: the values for those
+    that do not depend on the data. From the reference's shapes-only pass; where a shape
+    depends on the data, from one run of the reference on zeros (which also reports a
+    graph that does not run)."""
+    from ..reference import ShapesNeedValues, integer_graph_shapes, run_integer_graph
+
+    g = model.graph
+    by_name = {v.name: v for v in g.values()}
+    try:
+        shapes, dtypes, values = integer_graph_shapes(model, inputs)
+        names = [v.name for v in g.values() if v.const_value is None]
+        missing = [n for n in names if n not in shapes]
+        if missing:
+            raise ShapesNeedValues(f"no shape for %{missing[0]}")
+    except ShapesNeedValues:
+        feeds = {k: np.zeros(shape, dtype) for k, (shape, dtype) in inputs.items()}
+        names = [v.name for v in g.values() if v.const_value is None]
+        try:
+            env = run_integer_graph(model, feeds, outputs=names)
+        except QCompileError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the graph itself is at fault
+            raise LoweringError(f"the integer graph does not run: {e}") from None
+        shapes = {n: np.shape(a) for n, a in env.items()}
+        dtypes = {n: np.asarray(a).dtype for n, a in env.items()}
+        values = dict(env)
+    except QCompileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the graph itself is at fault
+        raise LoweringError(f"the integer graph does not run: {e}") from None
+    out_shapes = {id(by_name[n]): tuple(int(s) for s in shapes[n]) for n in names}
+    out_dtypes = {id(by_name[n]): np.dtype(dtypes[n]) for n in names}
+    out_values = {id(by_name[n]): np.asarray(values[n]) for n in names if n in values}
+    for v in g.initializers.values():
+        out_shapes[id(v)] = tuple(np.shape(v.const_value))
+        out_dtypes[id(v)] = np.asarray(v.const_value).dtype
+    return out_shapes, out_dtypes, out_values
+
+
+def _static_values(g, values: Dict[int, np.ndarray]) -> Dict[int, np.ndarray]:
     """Values that do not depend on the data: shape computations (Shape, Size, and ops
     on constants and shapes) are fixed once shapes are static; folded at compile time
     with the values the reference computed."""
@@ -219,9 +247,9 @@ def _static_values(g, env, by_name) -> Dict[int, np.ndarray]:
         else:
             ins = [v for v in node.inputs if v is not None]
             ok = all(v.const_value is not None or id(v) in static for v in ins) and (ins or node.op_type == "Constant")
-        if ok and all(o.name in env and id(o) not in outputs for o in node.outputs):
+        if ok and all(id(o) in values and id(o) not in outputs for o in node.outputs):
             for o in node.outputs:
-                static[id(o)] = np.asarray(env[o.name])
+                static[id(o)] = values[id(o)]
     return static
 
 
