@@ -374,8 +374,8 @@ class _Host:
         from qcompile.onnx_io.exporter import to_proto
 
         # the node as exported, with its inputs renamed i0.., outputs o0..
-        if self.proto is None:
-            self.proto = to_proto(self.model)
+        if self.proto is None:      # the nodes only: the weights stay out (VGG-19's are 137 MB)
+            self.proto = to_proto(self.model, weights_as_inputs_over=0)
         proto = self.proto
         np_node = next((n for n in proto.graph.node if n.name == node.name and n.op_type == node.op_type
                         and list(n.output) == [v.name for v in node.outputs]), None)

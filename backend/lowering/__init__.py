@@ -78,7 +78,7 @@ def compile_program(model, target, dump: Optional[Callable[[str, str], None]] = 
     if dump:
         dump("instructions", format_asm(instrs))
     program = Program(
-        target_name=target.name, target_fingerprint=target.fingerprint(), code=encode(instrs), const=bytes(ctx.const),
+        target_name=target.name, target_fingerprint=target.fingerprint(), code=encode(instrs), const=ctx.const.finish(),
         arena_size=arena, tensors=tensors, inputs=[_interface(s, slots) for s in plan.inputs],
         outputs=[_interface(s, slots) for s in plan.outputs], host_ops=host_ops,
         layers=[_layer_record(layer, plan) for layer in plan.layers],

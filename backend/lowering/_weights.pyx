@@ -8,9 +8,18 @@ fully connected layer has 100 million weights):
 - `row_major_bytes`: the bytes of a weight tile in the row-major K x N order the matrix
   unit reads, from a transposed view (a Gemm's weights with transB) by a cache-blocked
   copy (numpy's strided copy of a transposed int8 matrix runs at a few hundred MB/s).
+- `ConstSegment`: the program's constant segment (the packed weights), built in one
+  bytes object that is never copied (VGG-19's is 137 MB).
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF, Py_XDECREF
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t
+from libc.string cimport memcpy, memset
+
+
+cdef extern from "Python.h":
+    int _PyBytes_Resize(PyObject **bytes, Py_ssize_t newsize) except -1
 
 DEF BLOCK = 64
 
@@ -68,3 +77,74 @@ def row_major_bytes(const uint8_t[:, :] a):
                 for j in range(j0, j1):
                     dst[i * cols + j] = a[i, j]
     return out
+
+
+DEF FIRST_CAPACITY = 64 << 20
+
+
+cdef class ConstSegment:
+    """The constant segment under construction: aligned pieces appended in place to one
+    bytes object that `finish` cuts to size and hands over, so the segment exists once.
+    (A bytearray and then bytes() of it held it twice at the end; a bytearray grown in
+    the heap also left its outgrown copies behind.) The object starts as a 64 MiB
+    allocation, which the C library maps lazily (untouched pages use no memory), and
+    grows by realloc, which for a mapping moves pages (mremap) instead of copying them.
+    The bytes object is written only while this builder holds its only reference,
+    before anything can see or hash it, which is how CPython builds bytes itself
+    (`_PyBytes_Resize`)."""
+    cdef PyObject *buf
+    cdef Py_ssize_t size
+    cdef Py_ssize_t cap
+
+    def __cinit__(self):
+        obj = PyBytes_FromStringAndSize(NULL, FIRST_CAPACITY)
+        Py_INCREF(obj)
+        self.buf = <PyObject *>obj
+        self.size = 0
+        self.cap = FIRST_CAPACITY
+
+    def __dealloc__(self):
+        Py_XDECREF(self.buf)
+        self.buf = NULL
+
+    def __len__(self):
+        return self.size
+
+    cdef int _reserve(self, Py_ssize_t need) except -1:
+        cdef Py_ssize_t cap = self.cap
+        if need <= cap:
+            return 0
+        while cap < need:
+            cap *= 2
+        _PyBytes_Resize(&self.buf, cap)
+        self.cap = cap
+        return 0
+
+    def append(self, data, Py_ssize_t align=1):
+        """Zeros up to a multiple of `align`, then the bytes of `data` (any buffer);
+        returns the offset of data."""
+        if self.buf is NULL:
+            raise ValueError("the constant segment is finished")
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        cdef Py_ssize_t n = len(data)
+        cdef Py_ssize_t pad = (align - self.size % align) % align if align > 1 else 0   # C division
+        self._reserve(self.size + pad + n)
+        cdef char *dst = PyBytes_AS_STRING(<object>self.buf)
+        if pad:
+            memset(dst + self.size, 0, pad)
+        cdef Py_ssize_t addr = self.size + pad
+        if n:
+            memcpy(dst + addr, PyBytes_AS_STRING(data), n)
+        self.size = addr + n
+        return addr
+
+    def finish(self):
+        """The segment as bytes (the builder is then empty)."""
+        if self.buf is NULL:
+            raise ValueError("the constant segment is finished")
+        _PyBytes_Resize(&self.buf, self.size)
+        out = <object>self.buf
+        Py_XDECREF(self.buf)
+        self.buf = NULL
+        return out

@@ -11,7 +11,7 @@ from qcompile._native import pack_bits
 
 from ..isa import DType, DTYPE_BITS, index_bits
 from ..program import TensorSlot
-from ._weights import groups_within, row_major_bytes
+from ._weights import ConstSegment, groups_within, row_major_bytes
 from .emitter import Emitter
 from .plan import LoweringError
 
@@ -39,7 +39,7 @@ class Context:
     emitter: Emitter
     slots: Dict[int, Slot]                      # id(value) -> DRAM slot
     tensors: List[TensorSlot]
-    const: bytearray = field(default_factory=bytearray)
+    const: ConstSegment = field(default_factory=ConstSegment)   # `finish()` gives the bytes
     schedule: List[str] = field(default_factory=list)
     layer: int = 0
     _const_cache: Dict[Any, int] = field(default_factory=dict)
@@ -54,10 +54,7 @@ class Context:
         """Append `data` to the constant segment (once per key); returns its address."""
         if key is not None and key in self._const_cache:
             return self._const_cache[key]
-        pad = (-len(self.const)) % align
-        self.const += b"\0" * pad
-        addr = len(self.const)
-        self.const += bytes(data)
+        addr = self.const.append(data, align)
         if key is not None:
             self._const_cache[key] = addr
         return addr

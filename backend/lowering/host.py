@@ -28,7 +28,7 @@ def _node_proto(ctx: Context, node) -> onnx.NodeProto:
     if cache is None:
         from qcompile.onnx_io.exporter import to_proto
 
-        proto = to_proto(ctx.model)
+        proto = to_proto(ctx.model, weights_as_inputs_over=0)   # the nodes only: no copy of the weights
         cache = {tuple(n.output): n for n in proto.graph.node}
         ctx.__dict__["_proto_nodes"] = cache
         ctx.__dict__["_opsets"] = {o.domain: o.version for o in proto.opset_import}
