@@ -172,6 +172,18 @@ def check_exact(case: Case, n: int) -> None:
                                  f"({bad} elements)")
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "an unknown CPU"
+
+
 # -- main ---------------------------------------------------------------------------------
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -223,8 +235,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     text = "\n".join([
         "# rain-sim functional simulation vs onnxruntime",
         "",
-        f"Made by `python benchmarks/sim_speed.py{'' if argv is None else ' ' + ' '.join(argv)}`"
-        f" on {platform.machine()} ({os.cpu_count()} CPUs), one thread; {versions}.",
+        f"Made by `python benchmarks/sim_speed.py{''.join(' ' + a for a in (sys.argv[1:] if argv is None else argv))}`"
+        f" on {_cpu_name()} ({platform.machine()}, {os.cpu_count()} CPUs), one thread; {versions}.",
         "",
         "rain-sim: `simulate(program, rain-sim, feeds, timing=False)`, all samples of a batch at once. "
         "onnxruntime: the exported QDQ model, 1 intra-op thread, sequential execution. "
