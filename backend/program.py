@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from qcompile._fileio import atomic_write
+from qcompile._fileio import atomic_path
 from qcompile.errors import QCompileError
 
 from .isa import DType, DTYPE_BITS, DTYPE_NUMPY, Instr, IsaError, decode
@@ -115,6 +115,12 @@ class Program:
 
     # -- serialisation --------------------------------------------------------------
     def to_bytes(self) -> bytes:
+        return b"".join(self._file_pieces())
+
+    def _file_pieces(self) -> List[bytes]:
+        """The file as pieces (header, then each section's header and payload) that
+        join to `to_bytes()`: the constant segment is a piece as it is, not copied into
+        a body and again into the file (VGG-19's is 137 MB)."""
         host_blob, host_meta = bytearray(), []
         for h in self.host_ops:
             host_meta.append(h.to_json(len(host_blob)))
@@ -126,9 +132,14 @@ class Program:
         }
         payloads = [json.dumps(meta, sort_keys=True).encode(), np.asarray(self.code, "<i4").tobytes(),
                     bytes(self.const), bytes(host_blob)]
-        body = b"".join(_SECTION.pack(tag, len(p)) + p for tag, p in zip(_TAGS, payloads))
-        header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, self.target_fingerprint, hashlib.sha256(body).digest())
-        return header + body
+        body: List[bytes] = []
+        digest = hashlib.sha256()
+        for tag, p in zip(_TAGS, payloads):
+            for piece in (_SECTION.pack(tag, len(p)), p):
+                body.append(piece)
+                digest.update(piece)
+        header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, self.target_fingerprint, digest.digest())
+        return [header] + body
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<bytes>") -> "Program":
@@ -193,8 +204,11 @@ class Program:
 
 
 def save_program(program: Program, path: str) -> None:
-    """Write `program` to `path` atomically."""
-    atomic_write(path, program.to_bytes())
+    """Write `program` to `path` atomically (piece by piece: no copy of the file in memory)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            for piece in program._file_pieces():
+                f.write(piece)
 
 
 def load_program(path: str) -> Program:
