@@ -170,7 +170,7 @@ class Machine:
         if a.itemsize == 1 and (a.strides[5] == 1 or a.shape[5] == 1) and not a.flags.c_contiguous and \
                 (a.shape[5] >= 16 or a.strides[4] == a.shape[5]):
             out = np.empty((a.size // k, k), a.dtype)
-            _kernels.gather_rows(a.view(np.uint8), out.view(np.uint8))     # runs of channels, memcpy each
+            _kernels.gather_rows(a.view(np.uint8), out.view(np.uint8))     # runs of adjacent bytes, copied whole
             return out
         return a.reshape(-1, k)
 

@@ -15,6 +15,7 @@ from typing import Any, Dict, List
 import numpy as np
 
 from ..program import Program
+from . import _kernels
 
 __all__ = ["HostRunner", "quantize_input", "dequantize_output"]
 
@@ -181,16 +182,18 @@ class _AveragePool:
             return None
         m, sh = (np.asarray(v.const_value) for v in node.inputs[1:])
         x = node.inputs[0].type
+        bytes_ = (np.dtype(np.int8), np.dtype(np.uint8))
         if m.ndim != 2 or m.shape != sh.shape or len(node.attr("kernel_shape")) != 2 or \
-                getattr(x, "dtype", None) is None or x.dtype.numpy_dtype not in (np.dtype(np.int8), np.dtype(np.uint8)) \
-                or node.outputs[0].type.dtype.numpy_dtype not in (np.dtype(np.int8), np.dtype(np.uint8)) or \
-                sh.min(initial=0) < 0 or sh.max(initial=0) >= 63:
+                getattr(x, "dtype", None) is None or x.dtype.numpy_dtype not in bytes_ or \
+                node.outputs[0].type.dtype.numpy_dtype not in bytes_ or sh.min(initial=0) < 0 or \
+                sh.max(initial=0) >= 63:
+            return None
+        info = np.iinfo(x.dtype.numpy_dtype)
+        if not info.min <= int(node.attr("x_zero_point", 0)) <= info.max:     # the padding value must fit x
             return None
         return cls(node, m, sh)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        from . import _kernels
-
         n, c, h, w = x.shape
         (oh, ow), (kh, kw), (sh, sw) = self.out, self.kernel, self.strides
         top, left = self.pads[0], self.pads[1]
@@ -207,6 +210,7 @@ class _AveragePool:
         return y
 
     def ones(self, c: int) -> np.ndarray:
+        """(1, c, kh, kw) int8 weights of 1, kept for the next call."""
         if self._ones is None or self._ones.shape[1] != c:
             self._ones = np.ones((1, c) + tuple(self.kernel), np.int8)
         return self._ones
