@@ -74,13 +74,15 @@ def _count_weight_load(layer: Layer, stored: int, dense: int) -> None:
     layer.attrs["weight_dram_bytes_dense"] += dense
 
 
-def _requant_params(node, count: int, n0: int, nt: int) -> np.ndarray:
-    """(M, s) int32 pairs for output channels n0..n0+nt (scalars broadcast)."""
-    m = np.asarray(node.inputs[3].const_value, np.int64).reshape(-1)
-    s = np.asarray(node.inputs[4].const_value, np.int64).reshape(-1)
+def _requant_params(node, count: int, mi: int = 3, si: int = 4) -> np.ndarray:
+    """(count, 2) int32 (M, s) pairs per output channel (scalars broadcast), from the
+    node's multiplier and shift inputs; a tile's are rows n0..n0+nt, contiguous. Built
+    once per layer, not from the whole vectors again for every tile."""
+    m = np.asarray(node.inputs[mi].const_value, np.int64).reshape(-1)
+    s = np.asarray(node.inputs[si].const_value, np.int64).reshape(-1)
     m = np.broadcast_to(m, (count,)) if m.size == 1 else m
     s = np.broadcast_to(s, (count,)) if s.size == 1 else s
-    return np.stack([m[n0:n0 + nt], s[n0:n0 + nt]], axis=1).astype(np.int32)
+    return np.stack([m, s], axis=1).astype(np.int32)
 
 
 def _fits(ctx: Context, act: int, wgt: int, acc: int) -> bool:
@@ -191,6 +193,7 @@ def lower_conv(ctx: Context, layer: Layer) -> None:
     rows = ctx.target.matrix.rows
     bias_v = None if bias is None else np.asarray(bias.const_value, np.int32).reshape(-1)
     out_zp, lo, hi = int(node.attr("out_zero_point", 0)), int(node.attr("out_min", -128)), int(node.attr("out_max", 127))
+    param_table = _requant_params(node, c_out)
     layer.attrs.update(precision=f"a{DTYPE_BITS[a_type]}w{wbits}", weight_type=wtype.name,
                        macs=int(n_batch * c_out * oh * ow * cg * kh * kw), **_sparsity_attrs(wv, nm))
 
@@ -258,7 +261,7 @@ def lower_conv(ctx: Context, layer: Layer) -> None:
 
         def load_params(g, n) -> Ref:
             n0, nn = n
-            data = _requant_params(node, c_out, g * mg + n0, nn).tobytes()
+            data = param_table[g * mg + n0:g * mg + n0 + nn].tobytes()
             addr = ctx.add_const(data, key=("p", id(node), g, n0))
             ref = em.vbuf(Buf.WGT, len(data))
             em.load(ctx.layer, ref, Space.CONST, addr, DType.INT32, (1, 1, 2 * nn), (0, 0, 1), (0, 0, 1))
@@ -353,8 +356,7 @@ def lower_gemm(ctx: Context, layer: Layer) -> None:
     nm = nm_pattern(wv, ctx.target.matrix.nm_patterns(), k_dim) if w_const else None
     step = nm[1] if nm else 1
     n_batch = int(np.prod(batch_shape, dtype=np.int64)) if batch_shape else 1
-    mult = np.asarray(node.inputs[mi].const_value, np.int64).reshape(-1)
-    shift = np.asarray(node.inputs[si].const_value, np.int64).reshape(-1)
+    param_table = _requant_params(node, n_dim, mi, si)
     out_zp, lo, hi = int(node.attr("out_zero_point", 0)), int(node.attr("out_min", -128)), int(node.attr("out_max", 127))
     bias_v = None if bias is None else np.asarray(bias.const_value, np.int32).reshape(-1)
     layer.attrs.update(precision=f"a{DTYPE_BITS[a_type]}w{wbits}", weight_type=wtype.name,
@@ -426,9 +428,7 @@ def lower_gemm(ctx: Context, layer: Layer) -> None:
 
         def load_params(n) -> Ref:
             n0, nn = n
-            m = np.broadcast_to(mult, (n_dim,)) if mult.size == 1 else mult
-            s = np.broadcast_to(shift, (n_dim,)) if shift.size == 1 else shift
-            data = np.stack([m[n0:n0 + nn], s[n0:n0 + nn]], axis=1).astype(np.int32).tobytes()
+            data = param_table[n0:n0 + nn].tobytes()
             addr = ctx.add_const(data, key=("p", id(node), n0))
             ref = em.vbuf(Buf.WGT, len(data))
             em.load(ctx.layer, ref, Space.CONST, addr, DType.INT32, (1, 1, 2 * nn), (0, 0, 1), (0, 0, 1))

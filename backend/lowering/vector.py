@@ -115,6 +115,7 @@ def lower_dwconv(ctx: Context, layer: Layer) -> None:
         raise LoweringError(f"node {layer.name}: depthwise weights do not fit int8")
     from .matrix import _requant_params
 
+    param_table = _requant_params(node, c)
     oh, ow = ys.shape[2:]
     out_zp, lo, hi = int(node.attr("out_zero_point", 0)), int(node.attr("out_min", -128)), int(node.attr("out_max", 127))
     layer.attrs.update(precision=f"a8w{layer.attrs.get('bits', 8)}", weight_type="INT8",
@@ -127,7 +128,7 @@ def lower_dwconv(ctx: Context, layer: Layer) -> None:
         waddr = ctx.add_const(wdata, key=("dw", id(node), c0, cn))
         wref = em.vbuf(Buf.WGT, len(wdata))
         em.load(ctx.layer, wref, Space.CONST, waddr, DType.INT8, (1, 1, len(wdata)), (0, 0, 1), (0, 0, 1))
-        pdata = _requant_params(node, c, c0, cn).tobytes()
+        pdata = param_table[c0:c0 + cn].tobytes()
         paddr = ctx.add_const(pdata, key=("p", id(node), c0, cn))
         pref = em.vbuf(Buf.WGT, len(pdata))
         em.load(ctx.layer, pref, Space.CONST, paddr, DType.INT32, (1, 1, 2 * cn), (0, 0, 1), (0, 0, 1))
