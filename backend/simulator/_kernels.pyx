@@ -30,6 +30,8 @@ cdef extern from "_requant.h" nogil:
                      double lo, double hi)
     void qc_transpose_bytes(const uint8_t* s, Py_ssize_t ss, uint8_t* d, Py_ssize_t ds, Py_ssize_t rows,
                             Py_ssize_t cols)
+    void qc_max_u8(uint8_t* m, const uint8_t* s, Py_ssize_t n)
+    void qc_max_i8(int8_t* m, const int8_t* s, Py_ssize_t n)
     void qc_tap_u8(int32_t* acc, const uint8_t* s, Py_ssize_t n, int32_t zp, int32_t w)
     void qc_tap_i8(int32_t* acc, const int8_t* s, Py_ssize_t n, int32_t zp, int32_t w)
     void qc_vadd(int code, const void* a, const void* b, void* d, Py_ssize_t n, double azp, double bzp, double ma,
@@ -311,25 +313,63 @@ def depthwise(const pix_t[:, :, :, :] src, const int8_t[:, :, :, :] wgt, int32_t
 
 def maxpool(const pix_t[:, :, :, :] src, pix_t[:, :, :, :] dst, int kh, int kw, int sh, int sw, int dh, int dw):
     """dst[n, c, y, x] = max_ij src[n, c, y sh + i dh, x sw + j dw] over (N, C, H, W) planes of
-    8-bit values: VPOOL's max mode in one pass, where numpy takes a strided pass per tap."""
+    8-bit values: VPOOL's max mode in one pass, where numpy takes a strided pass per tap.
+    As `depthwise`: each tap is one long vectorised run over a flattened plane (or its sw
+    column phases), on virtual rows sh row widths long whose extra columns are dropped."""
     cdef Py_ssize_t N = dst.shape[0], C = dst.shape[1], OH = dst.shape[2], OW = dst.shape[3]
-    cdef Py_ssize_t n, c, y, x, i, j
-    cdef pix_t m, v
+    cdef Py_ssize_t H = src.shape[2], W = src.shape[3], ws, pw, vrow, L, n, c, y, x, i, j, ph, xp, col
+    cdef const pix_t* plane
+    cdef const pix_t* sp
+    cdef pix_t* run
+    cdef pix_t* phases = NULL
+    cdef pix_t* dp
     if src.shape[0] != N or src.shape[1] != C or kh < 1 or kw < 1 or \
-            (OH - 1) * sh + (kh - 1) * dh >= src.shape[2] or (OW - 1) * sw + (kw - 1) * dw >= src.shape[3]:
+            (OH - 1) * sh + (kh - 1) * dh >= H or (OW - 1) * sw + (kw - 1) * dw >= W:
         raise ValueError("maxpool: windows and planes do not match")
+    if N * C * OH * OW == 0:
+        return
+    if src.strides[3] != sizeof(pix_t) or src.strides[2] % sizeof(pix_t) or src.strides[2] < W * sizeof(pix_t) \
+            or dst.strides[3] != sizeof(pix_t):
+        raise ValueError("maxpool: plane rows must be contiguous")
+    ws = src.strides[2] // <Py_ssize_t>sizeof(pix_t)
+    pw = ws if sw == 1 else (W + sw - 1) // sw
+    vrow = sh * pw
+    L = (OH - 1) * vrow + OW
+    run = <pix_t*>malloc(L * sizeof(pix_t))
+    if sw > 1:
+        phases = <pix_t*>malloc(sw * H * pw * sizeof(pix_t))
+    if run == NULL or (sw > 1 and phases == NULL):
+        free(run)
+        free(phases)
+        raise MemoryError()
     with nogil:
         for n in range(N):
             for c in range(C):
+                plane = &src[n, c, 0, 0]
+                if sw > 1:
+                    for ph in range(sw):
+                        for y in range(H):
+                            for xp in range(pw):
+                                col = xp * sw + ph
+                                phases[(ph * H + y) * pw + xp] = plane[y * ws + col] if col < W else plane[y * ws]
+                for i in range(kh):
+                    for j in range(kw):
+                        if sw > 1:
+                            sp = &phases[((j * dw) % sw * H + i * dh) * pw + (j * dw) // sw]
+                        else:
+                            sp = &plane[i * dh * ws + j * dw]
+                        if i == 0 and j == 0:
+                            memcpy(run, sp, L * sizeof(pix_t))
+                        elif pix_t is uint8_t:
+                            qc_max_u8(run, sp, L)
+                        else:
+                            qc_max_i8(run, sp, L)
                 for y in range(OH):
+                    dp = &dst[n, c, y, 0]
                     for x in range(OW):
-                        m = src[n, c, y * sh, x * sw]
-                        for i in range(kh):
-                            for j in range(kw):
-                                v = src[n, c, y * sh + i * dh, x * sw + j * dw]
-                                if v > m:
-                                    m = v
-                        dst[n, c, y, x] = m
+                        dp[x] = run[y * vrow + x]
+    free(run)
+    free(phases)
 
 
 def lut(const uint8_t[:, :] src, const dst_t[:, :] tables, dst_t[:, :] dst, bint signed, Py_ssize_t nch,

@@ -222,3 +222,26 @@ static void qc_transpose_bytes(const uint8_t *s, ptrdiff_t ss, uint8_t *d, ptrdi
 
 QC_TAP(qc_tap_u8, uint8_t)
 QC_TAP(qc_tap_i8, int8_t)
+
+/* One max-pool tap over a run: m[t] = max(m[t], s[t]) for 8-bit values; vectorised by gcc
+ * (the AVX2 copy, checked at run time, has the signed byte max that SSE2 lacks). */
+#define QC_MAX(NAME, T)                                                                            \
+    QC_MAX_AVX2(NAME, T)                                                                            \
+    static void NAME(T *restrict m, const T *restrict s, ptrdiff_t n) {                             \
+        QC_MAX_VECTOR(NAME)                                                                         \
+        for (ptrdiff_t t = 0; t < n; t++) m[t] = s[t] > m[t] ? s[t] : m[t];                        \
+    }
+#ifdef QC_AVX2
+#define QC_MAX_AVX2(NAME, T)                                                                       \
+    __attribute__((target("avx2"))) static void NAME##_avx2(T *restrict m, const T *restrict s,     \
+                                                           ptrdiff_t n) {                           \
+        for (ptrdiff_t t = 0; t < n; t++) m[t] = s[t] > m[t] ? s[t] : m[t];                        \
+    }
+#define QC_MAX_VECTOR(NAME) if (qc_have_avx2()) { NAME##_avx2(m, s, n); return; }
+#else
+#define QC_MAX_AVX2(NAME, T)
+#define QC_MAX_VECTOR(NAME)
+#endif
+
+QC_MAX(qc_max_u8, uint8_t)
+QC_MAX(qc_max_i8, int8_t)
