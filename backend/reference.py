@@ -219,6 +219,17 @@ def _window_sums(xp: np.ndarray, kernel, strides) -> np.ndarray:
     return acc
 
 
+def ceil_mode_pads(pads, out, kernel, strides, spatial) -> List[int]:
+    """`pads` (begins, then ends) with each end grown far enough for the last of `out`
+    windows (ceil_mode): what a pool with a multiplier per output position sums over."""
+    d = len(kernel)
+    pads = list(pads)
+    for i in range(d):
+        need = (out[i] - 1) * strides[i] + kernel[i] - (spatial[i] + pads[i] + pads[i + d])
+        pads[i + d] += max(need, 0)
+    return pads
+
+
 def _qavgpool(node: Node, x, multiplier=None, shift=None):
     d = x.ndim - 2
     taps = 1 if _attr(node, "global", 0) else int(np.prod(_attr(node, "kernel_shape")))
@@ -232,10 +243,7 @@ def _qavgpool(node: Node, x, multiplier=None, shift=None):
         strides = list(_attr(node, "strides", None) or [1] * d)
         pads = list(_attr(node, "pads", None) or [0] * (2 * d))
         if multiplier is not None and np.ndim(multiplier) == d:  # per position: its shape is the output's
-            out = np.shape(multiplier)
-            for i in range(d):  # ceil_mode: pad the end far enough for the last window
-                need = (out[i] - 1) * strides[i] + kernel[i] - (x.shape[2 + i] + pads[i] + pads[i + d])
-                pads[i + d] += max(need, 0)
+            pads = ceil_mode_pads(pads, np.shape(multiplier), kernel, strides, x.shape[2:])
         acc = _window_sums(_pad(xc, pads, 0), kernel, strides)
         if multiplier is not None and np.ndim(multiplier) == d:
             acc = acc[(slice(None), slice(None)) + tuple(slice(0, n) for n in np.shape(multiplier))]

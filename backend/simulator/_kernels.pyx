@@ -6,6 +6,8 @@ int64 arithmetic, one rounding, saturation; built with -fwrapv (setup.py), so an
 product that overflows wraps as numpy's does. The loops run without bounds checks, so
 every shape they rely on is checked first.
 """
+import numpy as np
+
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
@@ -220,6 +222,38 @@ def requantize_float(const fsrc_t[:, :, :] src, dst_t[:, :, :] dst, const double
         free(tmp)
 
 
+cdef inline Py_ssize_t _run_width(Py_ssize_t ws, Py_ssize_t W, int sw) noexcept nogil:
+    """The row width of the plane a windowed kernel runs over (see `_tap_run`): the plane's
+    own row stride for unit column strides, else the width of its sw column phases."""
+    return ws if sw == 1 else (W + sw - 1) // sw
+
+
+cdef inline void _column_phases(const pix_t* plane, Py_ssize_t ws, Py_ssize_t H, Py_ssize_t W, int sw,
+                                Py_ssize_t pw, pix_t* phases) noexcept nogil:
+    """phases[ph, y, x] = plane[y, x sw + ph] for the sw phases of an H x W plane (rows ws
+    apart), each pw wide; past the plane's edge a copy of the row's first value (what
+    lands there only feeds dropped columns)."""
+    cdef Py_ssize_t ph, y, xp, col
+    for ph in range(sw):
+        for y in range(H):
+            for xp in range(pw):
+                col = xp * sw + ph
+                phases[(ph * H + y) * pw + xp] = plane[y * ws + col] if col < W else plane[y * ws]
+
+
+cdef inline const pix_t* _tap_run(const pix_t* plane, const pix_t* phases, Py_ssize_t ws, Py_ssize_t H,
+                                  Py_ssize_t pw, int sw, Py_ssize_t r, Py_ssize_t q) noexcept nogil:
+    """Where the run of the tap at row offset r and column offset q starts. Windowed kernels
+    (depthwise, max pool) treat each tap as one long vectorised run over a flattened plane,
+    where rows of OW (7 to 28 here) hardly vectorise: over the plane itself (rows ws apart)
+    for unit column strides, else over its column phases (`_column_phases`: a tap's
+    columns x sw + q are consecutive in phase q % sw). Outputs are computed on virtual rows
+    sh * pw long (L = (OH - 1) sh pw + OW elements) whose extra columns are dropped."""
+    if sw > 1:
+        return &phases[(q % sw * H + r) * pw + q // sw]
+    return &plane[r * ws + q]
+
+
 def depthwise(const pix_t[:, :, :, :] src, const int8_t[:, :, :, :] wgt, int32_t[:, :, :, :] acc, int x_zp,
               int sh, int sw, int dh, int dw):
     """acc[n, c, y, x] += sum_ij (src[n, c, y sh + i dh, x sw + j dw] - x_zp) * wgt[n or 0, c, i, j]
@@ -238,17 +272,13 @@ def depthwise(const pix_t[:, :, :, :] src, const int8_t[:, :, :, :] wgt, int32_t
             (OH - 1) * sh + (KH - 1) * dh >= src.shape[2] or (OW - 1) * sw + (KW - 1) * dw >= src.shape[3]:
         raise ValueError("depthwise: windows, planes or weights do not match")
     cdef Py_ssize_t H = src.shape[2], W = src.shape[3], ws = src.strides[2] // <Py_ssize_t>sizeof(pix_t)
-    cdef Py_ssize_t pw, vrow, L, t, ph, xp, col
+    cdef Py_ssize_t pw, vrow, L, t
     cdef int32_t* tmp
     cdef pix_t* phases = NULL
     cdef const pix_t* plane
     if src.strides[3] == sizeof(pix_t) and src.strides[2] % sizeof(pix_t) == 0 and ws >= W and OH * OW > 0:
-        # Each tap is one long run over a flattened plane, where rows of OW (7 to 28 here)
-        # hardly vectorise: on the plane itself (rows ws apart) for unit column strides, else
-        # on its sw column phases (phase ph holds columns ph, ph + sw, ...: a tap's columns
-        # x sw + j dw are then consecutive in phase (j dw) % sw). Outputs are computed on
-        # virtual rows sh times the row width and their extra columns dropped.
-        pw = ws if sw == 1 else (W + sw - 1) // sw
+        # each tap one long run (`_tap_run`)
+        pw = _run_width(ws, W, sw)
         vrow = sh * pw
         L = (OH - 1) * vrow + OW
         tmp = <int32_t*>malloc(L * sizeof(int32_t))
@@ -264,11 +294,7 @@ def depthwise(const pix_t[:, :, :, :] src, const int8_t[:, :, :, :] wgt, int32_t
                 for c in range(C):
                     plane = &src[n, c, 0, 0]
                     if sw > 1:
-                        for ph in range(sw):
-                            for y in range(H):
-                                for xp in range(pw):
-                                    col = xp * sw + ph
-                                    phases[(ph * H + y) * pw + xp] = plane[y * ws + col] if col < W else <pix_t>x_zp
+                        _column_phases(plane, ws, H, W, sw, pw, phases)
                     for t in range(L):
                         tmp[t] = 0
                     for i in range(KH):
@@ -276,10 +302,7 @@ def depthwise(const pix_t[:, :, :, :] src, const int8_t[:, :, :, :] wgt, int32_t
                             w = wgt[wn, c, i, j]
                             if w == 0:
                                 continue
-                            if sw > 1:
-                                sp = &phases[((j * dw) % sw * H + i * dh) * pw + (j * dw) // sw]
-                            else:
-                                sp = &plane[i * dh * ws + j * dw]
+                            sp = _tap_run(plane, phases, ws, H, pw, sw, i * dh, j * dw)
                             if pix_t is uint8_t:
                                 qc_tap_u8(tmp, sp, L, x_zp, w)                   # wraps modulo 2^32 (-fwrapv)
                             else:
@@ -313,11 +336,10 @@ def depthwise(const pix_t[:, :, :, :] src, const int8_t[:, :, :, :] wgt, int32_t
 
 def maxpool(const pix_t[:, :, :, :] src, pix_t[:, :, :, :] dst, int kh, int kw, int sh, int sw, int dh, int dw):
     """dst[n, c, y, x] = max_ij src[n, c, y sh + i dh, x sw + j dw] over (N, C, H, W) planes of
-    8-bit values: VPOOL's max mode in one pass, where numpy takes a strided pass per tap.
-    As `depthwise`: each tap is one long vectorised run over a flattened plane (or its sw
-    column phases), on virtual rows sh row widths long whose extra columns are dropped."""
+    8-bit values: VPOOL's max mode in one pass, where numpy takes a strided pass per tap;
+    each tap one long run (`_tap_run`), as in `depthwise`."""
     cdef Py_ssize_t N = dst.shape[0], C = dst.shape[1], OH = dst.shape[2], OW = dst.shape[3]
-    cdef Py_ssize_t H = src.shape[2], W = src.shape[3], ws, pw, vrow, L, n, c, y, x, i, j, ph, xp, col
+    cdef Py_ssize_t H = src.shape[2], W = src.shape[3], ws, pw, vrow, L, n, c, y, x, i, j
     cdef const pix_t* plane
     cdef const pix_t* sp
     cdef pix_t* run
@@ -332,7 +354,7 @@ def maxpool(const pix_t[:, :, :, :] src, pix_t[:, :, :, :] dst, int kh, int kw, 
             or dst.strides[3] != sizeof(pix_t):
         raise ValueError("maxpool: plane rows must be contiguous")
     ws = src.strides[2] // <Py_ssize_t>sizeof(pix_t)
-    pw = ws if sw == 1 else (W + sw - 1) // sw
+    pw = _run_width(ws, W, sw)
     vrow = sh * pw
     L = (OH - 1) * vrow + OW
     run = <pix_t*>malloc(L * sizeof(pix_t))
@@ -347,17 +369,10 @@ def maxpool(const pix_t[:, :, :, :] src, pix_t[:, :, :, :] dst, int kh, int kw, 
             for c in range(C):
                 plane = &src[n, c, 0, 0]
                 if sw > 1:
-                    for ph in range(sw):
-                        for y in range(H):
-                            for xp in range(pw):
-                                col = xp * sw + ph
-                                phases[(ph * H + y) * pw + xp] = plane[y * ws + col] if col < W else plane[y * ws]
+                    _column_phases(plane, ws, H, W, sw, pw, phases)
                 for i in range(kh):
                     for j in range(kw):
-                        if sw > 1:
-                            sp = &phases[((j * dw) % sw * H + i * dh) * pw + (j * dw) // sw]
-                        else:
-                            sp = &plane[i * dh * ws + j * dw]
+                        sp = _tap_run(plane, phases, ws, H, pw, sw, i * dh, j * dw)
                         if i == 0 and j == 0:
                             memcpy(run, sp, L * sizeof(pix_t))
                         elif pix_t is uint8_t:
@@ -406,6 +421,12 @@ def lut(const uint8_t[:, :] src, const dst_t[:, :] tables, dst_t[:, :] dst, bint
                 for t in range(e0, e1):
                     dp[t] = tbl[sp[t] ^ flip]
                 e0 = e1
+
+
+def window_sums(src, acc, int x_zp, int kh, int kw, int sh, int sw, int dh, int dw):
+    """acc[n, c, y, x] += sum_ij (src[n, c, y sh + i dh, x sw + j dw] - x_zp): average pools'
+    window sums, as a depthwise convolution with weights of 1."""
+    depthwise(src, np.ones((1, src.shape[1], kh, kw), np.int8), acc, x_zp, sh, sw, dh, dw)
 
 
 def vadd(const uint8_t[:, :] a, const uint8_t[:, :] b, uint8_t[:, :] d, int code, double a_zp,

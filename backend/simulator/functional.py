@@ -313,9 +313,9 @@ class Machine:
             return
         taps = win[0] * win[1]
         bound = taps * _bound(x.dtype, x_zp)
-        if one_byte and win[6] * win[7] > 1 and bound < 2 ** 31:    # window sums: a depthwise conv with 1s
+        if one_byte and win[6] * win[7] > 1 and bound < 2 ** 31:    # int32 window sums, one pass
             acc = np.zeros(d.shape, np.int32)
-            _kernels.depthwise(x, self.plan.ones(x.shape[1], win[0], win[1]), acc, int(x_zp), *win[2:6])
+            _kernels.window_sums(x, acc, int(x_zp), *win[:6])
             self._requant(d, acc, 0, bound, mult, shift, out_zp, lo, hi)
             return
         acc = _pool(x, win, np.add, np.int32 if taps * _bound(x.dtype, 0) < 2 ** 31 else np.int64)
@@ -456,16 +456,9 @@ class _Plan:
         self.const = np.zeros((1, _round8(len(program.const))), np.uint8)
         self.const[0, :len(program.const)] = np.frombuffer(program.const, dtype=np.uint8)
         self.const.flags.writeable = False
-        self.cache: Dict[object, object] = {}                   # MATMUL index -> _weight_sums; ones()
+        self.cache: Dict[int, tuple] = {}                       # MATMUL index -> _weight_sums
         self.host = HostRunner(program)                         # its sessions serve every run
         self.steps = [(s[0], s[1:]) for s in (_DECODE[ins.op](self, ins.args, pc) for pc, ins in enumerate(instrs))]
-
-    def ones(self, c: int, kh: int, kw: int) -> np.ndarray:
-        """(1, c, kh, kw) int8 weights of 1: average pools' window sums as depthwise convolutions."""
-        w = self.cache.get(("ones", c, kh, kw))
-        if w is None:
-            w = self.cache[("ones", c, kh, kw)] = np.ones((1, c, kh, kw), np.int8)
-        return w
 
     @classmethod
     def of(cls, program: Program, instrs: List[Instr], limits) -> "_Plan":

@@ -159,15 +159,13 @@ class _AveragePool:
         self.x_zp = int(node.attr("x_zero_point", 0))
         self.kernel = [int(k) for k in node.attr("kernel_shape")]
         self.strides = [int(v) for v in node.attr("strides", None) or [1, 1]]
-        pads = [int(v) for v in node.attr("pads", None) or [0, 0, 0, 0]]
+        self.pads = [int(v) for v in node.attr("pads", None) or [0, 0, 0, 0]]
         self.out = multiplier.shape                                    # (OH, OW)
-        self.pads = pads
         self.mult = multiplier.reshape(1, -1).astype(np.int64)
         self.shift = shift.reshape(1, -1).astype(np.int64)
         self.zp = int(node.attr("out_zero_point", 0))
         self.lo, self.hi = int(node.attr("out_min", -128)), int(node.attr("out_max", 127))
         self.dtype = node.outputs[0].type.dtype.numpy_dtype
-        self._ones = None
 
     @classmethod
     def of(cls, model) -> "_AveragePool | None":
@@ -194,26 +192,19 @@ class _AveragePool:
         return cls(node, m, sh)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        from ..reference import ceil_mode_pads
+
         n, c, h, w = x.shape
-        (oh, ow), (kh, kw), (sh, sw) = self.out, self.kernel, self.strides
-        top, left = self.pads[0], self.pads[1]
-        # ceil mode: pad the end far enough for the last window, as the reference does
-        bottom = max(self.pads[2], (oh - 1) * sh + kh - h - top)
-        right = max(self.pads[3], (ow - 1) * sw + kw - w - left)
+        (oh, ow), (sh, sw) = self.out, self.strides
+        top, left, bottom, right = ceil_mode_pads(self.pads, self.out, self.kernel, self.strides, (h, w))
         xp = np.full((n, c, top + h + bottom, left + w + right), self.x_zp, x.dtype)   # x_zp: a centred 0
         xp[:, :, top:top + h, left:left + w] = x
         acc = np.zeros((n, c, oh, ow), np.int32)
-        _kernels.depthwise(xp, self.ones(c), acc, self.x_zp, sh, sw, 1, 1)     # window sums: weights of 1
+        _kernels.window_sums(xp, acc, self.x_zp, *self.kernel, sh, sw, 1, 1)
         y = np.empty((n, c, oh, ow), self.dtype)
         _kernels.requantize(acc.reshape(n, c, oh * ow), y.reshape(n, c, oh * ow), self.mult, self.shift, 1, 0,
                             self.zp, self.lo, self.hi)
         return y
-
-    def ones(self, c: int) -> np.ndarray:
-        """(1, c, kh, kw) int8 weights of 1, kept for the next call."""
-        if self._ones is None or self._ones.shape[1] != c:
-            self._ones = np.ones((1, c) + tuple(self.kernel), np.int8)
-        return self._ones
 
 
 def _channel_shape(ndim: int, axis: int, size: int) -> List[int]:
