@@ -1,5 +1,7 @@
 """Tiny ONNX models for tests, built with onnx.helper, and an onnxruntime runner that
 compares our rewrites rather than onnxruntime's own graph optimisations."""
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -71,3 +73,20 @@ def light_random_weights(proto, seed=0):
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
     return light_as_constants(proto)
+
+
+LIGHT_DIR = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
+
+
+def light_model(name, seed=0):
+    """(model, input name, per-sample input shape) of the onnx package's light_{name}.onnx
+    with seeded random weights (`light_random_weights`); the test is skipped where the
+    onnx package ships no light models."""
+    path = os.path.join(LIGHT_DIR, f"light_{name}.onnx")
+    if not os.path.exists(path):
+        import pytest
+
+        pytest.skip("the onnx package ships no light models here")
+    proto = light_random_weights(onnx.load(path), seed)
+    inp = proto.graph.input[0]
+    return proto, inp.name, [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim]

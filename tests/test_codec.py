@@ -73,18 +73,10 @@ def _digits_program(target):
 
 
 def _squeezenet_program():
-    onnx = pytest.importorskip("onnx")
-    import sys
-    sys.path.insert(0, os.path.dirname(__file__))
-    from onnx_models import light_random_weights
+    from onnx_models import light_model  # tests/ is on sys.path (rootdir-relative imports)
     from qcompile.onnx_io import from_proto
 
-    path = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light", "light_squeezenet.onnx")
-    if not os.path.exists(path):
-        pytest.skip("the onnx package ships no light models here")
-    proto = light_random_weights(onnx.load(path))
-    name = proto.graph.input[0].name
-    shape = [d.dim_value or 1 for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    proto, name, shape = light_model("squeezenet")
     rng = np.random.default_rng(0)
     model = from_proto(proto)
     model.annotations["calibration_data"] = [{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(2)]
@@ -130,28 +122,25 @@ def test_random_streams_match_the_reference_and_round_trip(instrs):
 def test_errors_are_the_references(instrs, layer, wait):
     """Out-of-range fields, layers and wide token masks: the same words or the same error."""
     instrs[-1].layer, instrs[0].wait = layer, wait
-    try:
-        want = ref_encode(instrs)
-    except IsaError as e:
-        with pytest.raises(IsaError) as got:
-            encode(instrs)
-        assert str(got.value) == str(e)
-        return
-    assert _same(encode(instrs), want)
+    _same_outcome(ref_encode, encode, instrs, _same)
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(_I32, max_size=40))
 def test_decoding_arbitrary_words_fails_or_succeeds_as_the_reference(raw):
-    words = np.asarray(raw, np.int32)
+    _same_outcome(ref_decode, decode, np.asarray(raw, np.int32), lambda got, want: got == want)
+
+
+def _same_outcome(ref, new, arg, same):
+    """`new(arg)` gives what `ref(arg)` gives (`same`), or raises the same IsaError."""
     try:
-        want = ref_decode(words)
+        want = ref(arg)
     except IsaError as e:
         with pytest.raises(IsaError) as got:
-            decode(words)
+            new(arg)
         assert str(got.value) == str(e)
         return
-    assert decode(words) == want
+    assert same(new(arg), want)
 
 
 def test_numpy_and_bool_field_values_encode_as_ints():

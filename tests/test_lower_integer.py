@@ -29,7 +29,7 @@ from qcompile.backend.reference import run_integer_graph
 from qcompile.onnx_io import from_proto, to_proto
 from qcompile.quant_math import DOMAIN, quantize_multiplier, requantize
 
-from onnx_models import light_random_weights  # tests/ is on sys.path (rootdir-relative imports)
+from onnx_models import light_model  # tests/ is on sys.path (rootdir-relative imports)
 
 EXAMPLES = "examples"
 STATS = collections.defaultdict(lambda: [0, 0, 0])  # op -> [elements, within 1 LSB, max |diff|]
@@ -469,23 +469,15 @@ def test_average_pool_with_padding_and_ceil_mode_within_one_lsb(case):
 
 
 # -- the onnx package's light models ----------------------------------------------------
-LIGHT_DIR = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
-
-
 @pytest.mark.parametrize("name", ["squeezenet", "shufflenet"])
 def test_light_models_integer_graph_within_one_lsb_of_qdq(name):
     """Seeded random weights, 4 random calibration inputs, 2 others to compare: the integer
     graph's output is within 1 LSB of onnxruntime's QDQ model on >= 99.9% of elements
     (ShuffleNet's Sum joins lower as QAdd)."""
-    path = os.path.join(LIGHT_DIR, f"light_{name}.onnx")
-    if not os.path.exists(path):
-        pytest.skip("the onnx package ships no light models here")
-    proto = light_random_weights(onnx.load(path))
-    inp = proto.graph.input[0]
-    shape = [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim]
+    proto, input_name, shape = light_model(name)
     rng = np.random.default_rng(5)
     model = from_proto(proto)
-    model.annotations["calibration_data"] = [{inp.name: rng.standard_normal(shape).astype(np.float32)}
+    model.annotations["calibration_data"] = [{input_name: rng.standard_normal(shape).astype(np.float32)}
                                              for _ in range(4)]
     qdq = to_proto(qcompile.PassManager.parse("fold,calibrate{progress=false},quantize").run(model).model)
     dq = _expose_last_dequantized(qdq)
@@ -494,7 +486,7 @@ def test_light_models_integer_graph_within_one_lsb_of_qdq(name):
     if name == "shufflenet":
         assert sum(n.op_type == "QAdd" for n in lowered.graph.nodes) == 13
     for _ in range(2):
-        x = {inp.name: rng.standard_normal(shape).astype(np.float32)}
+        x = {input_name: rng.standard_normal(shape).astype(np.float32)}
         want = _ort(qdq, x, optimize=False)[-1]   # unfused: exact, as the reference
         got = run_integer_graph(lowered, x)[dq.output[0]]
         assert np.mean(np.abs(got - want) <= 1.0001 * scale) >= 0.999

@@ -542,16 +542,10 @@ def test_bad_sparsity_patterns_in_a_target_are_refused(bad, message):
 def test_onnx_light_model_squeezenet_end_to_end():
     """One of the onnx package's light models (seeded random weights): Concat of fire
     modules, global average pool, Softmax on the host; bit-exact and timed."""
-    onnx = pytest.importorskip("onnx")
     sys.path.insert(0, os.path.dirname(__file__))
-    from onnx_models import light_random_weights
+    from onnx_models import light_model
 
-    path = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light", "light_squeezenet.onnx")
-    if not os.path.exists(path):
-        pytest.skip("the onnx package ships no light models here")
-    proto = light_random_weights(onnx.load(path))
-    name = proto.graph.input[0].name
-    shape = [d.dim_value or 1 for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    proto, name, shape = light_model("squeezenet")
     rng = np.random.default_rng(0)
     int_model = _integer(proto, [{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(2)])
     prog, res = _check(int_model, {name: rng.standard_normal([2] + shape).astype(np.float32)}, "rain-sim")
