@@ -335,7 +335,10 @@ def _torch_case(name, tmp_path):
     model, args = exported(name)
     data = sample_feeds(args)
 
-    calib, evals = data(64), data(128)
+    # 512 samples: the float host ops (LayerNorm, Softmax, GELU) and the QDQ model's float32
+    # sums put an output 2 LSBs off now and then; at 128 samples one such element of 640
+    # already read as 99.84%
+    calib, evals = data(64), data(512)
     np.savez(tmp_path / "calib.npz", **calib)
     qdq = qcompile.PassManager.parse(
         f"fold,calibrate{{data={tmp_path / 'calib.npz'},progress=false}},quantize").run(model).model

@@ -14,7 +14,9 @@ Two measurements, both as signal-to-quantization-noise ratios in dB
      Activations: each QuantizeLinear's input names the float tensor, its
      DequantizeLinear's output is the quantized copy (both models run in onnxruntime with
      the tensors exposed as outputs, graph optimisations off so names survive). Weights
-     and biases: the dequantized constant against the float constant. The activation
+     and biases: the dequantized constant against the float constant (a bias that
+     quantize's bias correction moved by more than its rounding is marked `corrected`:
+     its SQNR counts the deliberate move, not only rounding). The activation
      error is end to end (the error of everything before the tensor included).
   2. Per quantized layer (Conv, Gemm, MatMul): the model-output SQNR when only that
      layer is quantized -- its weight, bias, input activation and output activation
@@ -60,6 +62,7 @@ class TensorError:
     dtype: str
     sqnr_db: float
     scale: Optional[float] = None  # per-tensor scale (activations); None when per channel
+    corrected: bool = False  # a bias moved by bias correction (beyond rounding): its SQNR counts the move
 
 
 @dataclass
@@ -113,7 +116,8 @@ class ErrorReport:
         lines += _table(("layer (only it quantized)", "op", "weights", "weight SQNR dB", "output SQNR dB",
                          "output cosine"), rows)
         lines.append("")
-        rows = [(t.name, t.kind, t.dtype, "per-channel" if t.scale is None else f"{t.scale:.4g}", _db(t.sqnr_db))
+        rows = [(t.name, t.kind + (" (corrected)" if t.corrected else ""), t.dtype,
+                 "per-channel" if t.scale is None else f"{t.scale:.4g}", _db(t.sqnr_db))
                 for t in self.tensors]
         lines += _table(("tensor", "kind", "type", "scale", "SQNR dB"), rows)
         return "\n".join(lines)
@@ -186,7 +190,9 @@ def analyze_quantization_error(float_model: ModelLike, qdq_model: ModelLike, sam
             acc.add(fvalue, qvalue)
             name = graph.float_name(node) or node.output[0]
             dtype = bits.get(node.input[0], str(graph.const(node.input[0]).dtype)) if kind == "weight" else "int32"
-            tensors.append(TensorError(name, kind, dtype, acc.sqnr(), _scalar(graph.const(node.input[1]))))
+            scale = graph.const(node.input[1])
+            moved = kind == "bias" and bool(np.any(np.abs(qvalue - fvalue) > 0.5001 * np.abs(scale.astype(np.float64))))
+            tensors.append(TensorError(name, kind, dtype, acc.sqnr(), _scalar(scale), moved))
             if kind == "weight":
                 weight_sqnr[consumer.name] = acc.sqnr()
     layers = []

@@ -30,7 +30,10 @@ What it rewrites, for every Conv, Gemm and MatMul whose weight is a constant:
      redundant keeps its tensor at int8. Each widening is listed with its reason.
   4b. A MatMul of two activations (attention's Q.K^T and P.V) gets Q->DQ pairs on both
      inputs and its output.
-  4b'. With `search_samples=N` (default 256), each int8 activation's range is then
+  4b'. With `bias_correction=N` (default 256), each Conv/Gemm's int32 bias then absorbs
+     the mean output shift its weight rounding causes, E[(W - W~) * x~] measured on N
+     calibration samples (bias_correction.py; a layer without a bias gets one).
+  4b''. With `search_samples=N` (default 256), each int8 activation's range is then
      re-chosen among the calibration rules by the output error it causes on N
      calibration samples (range_search.py).
   4c. Inputs and outputs of the data-movement and elementwise ops between them (Add, Mul,
@@ -76,6 +79,7 @@ from qcompile.onnx_io import from_proto, to_proto, upgrade_opset
 from qcompile.passmanager import Pass, PassResult, option, register_pass
 
 from .activations import ACTIVATION_TYPES, ActivationPlan, activation_params
+from .bias_correction import correct_biases
 from .range_search import calibration_source, search_activation_ranges
 from .weights import WeightFormat, dequantize, quantize_bias, quantize_weight, weight_format
 
@@ -126,6 +130,9 @@ class Quantize(Pass):
                                      "(min/max, percentile, MSE) that least hurts the model's output on this many "
                                      "calibration samples; 0 keeps calibrate's method", choices=range(0, 1 << 30))
     search_seconds: float = option(60.0, "time budget of the activation range search (seconds)")
+    bias_correction: int = option(256, "empirical bias correction: each Conv/Gemm's bias absorbs the mean output "
+                                       "shift its weight rounding causes, measured on this many calibration "
+                                       "samples (bias_correction.py); 0: off", choices=range(0, 1 << 30))
     packed: bool = option(True, "store 4-bit and narrower weights as packed ONNX INT4/UINT4 (the model is "
                                 "upgraded to opset 21); false keeps them in int8 containers at opset 13")
     config: str = option("", "a .json or .toml file with these options (overrides as a table PATTERN = TYPE); "
@@ -236,6 +243,10 @@ class Quantize(Pass):
         for name, (dtype, why) in q.wide.items():
             decisions.append({"tensor": name, "reason": why, "kept_at": str(dtype)})
         model.graph.sort()
+        if q.layers and self.bias_correction:
+            corrected = correct_biases(model, [(n, w, dequantize(qv.const_value, p), b) for n, w, qv, p, b in q.layers],
+                                       calibration_source(model), self.bias_correction)
+            self.stats["layers bias-corrected"] += corrected
         if q.done and self.search_samples:
             chosen = search_activation_ranges(model, model.annotations["calibration"], self.search_samples,
                                               self.search_seconds)
@@ -441,6 +452,7 @@ class _Inserter:
         self.done: Dict[int, Tuple[float, Value, DataType]] = {}  # id(float value or DQ output) -> (scale, DQ output, type)
         self.nonfinite = set(stats.nonfinite())
         self.weights: Dict[tuple, tuple] = {}  # (id(float weight), format, container) -> (params, DQ output, name)
+        self.layers: List[tuple] = []  # quantized Conv/Gemm: (node, float weight, integer weight, params, float bias)
 
     def is_quantized(self, v: Optional[Value]) -> bool:
         """Whether `v` already went through a Q -> DQ pair (or is the DQ's output), or is
@@ -555,6 +567,10 @@ class _Inserter:
         container = self._container(fmt.dtype, node.op_type == "Conv" and self.bits_of(x) == 4)
         params, dq_out, q_name = self._weight_dq(node, w, array, fmt_here, container)
         node.set_input(1, dq_out)
+        if node.op_type in ("Conv", "Gemm"):
+            bias = node.inputs[2] if len(node.inputs) > 2 else None
+            self.layers.append((node, array, dq_out.producer.inputs[0], params,
+                                None if bias is None or not bias.is_initializer else bias.const_value))
         g = self.graph
         replaced = [w]
         if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].is_initializer:
