@@ -448,6 +448,21 @@ def vadd(const uint8_t[:, :] a, const uint8_t[:, :] b, uint8_t[:, :] d, int code
             qc_vadd(code, &a[i * sa, 0], &b[i * sb, 0], &d[i, 0], n, a_zp, b_zp, ma, mb, r, c, lo, hi)
 
 
+def transpose_planes(const uint8_t[:, :, :] src, uint8_t[:, :, ::1] dst):
+    """dst[s, p, k] = src[s, k, p]: channel planes (K planes of P bytes, each plane
+    contiguous, planes at any stride) made pixel-major, the layout whose rows a MATMUL's
+    im2col reads, in SIMD tiles of 16 x 16 bytes (`qc_transpose_bytes`), where numpy
+    steps one byte at a time across the planes."""
+    cdef Py_ssize_t S = src.shape[0], K = src.shape[1], P = src.shape[2], s
+    if dst.shape[0] != S or dst.shape[1] != P or dst.shape[2] != K or (P > 1 and src.strides[2] != 1):
+        raise ValueError("transpose_planes: planes and output do not match")
+    if K == 0 or P == 0:
+        return
+    with nogil:
+        for s in range(S):
+            qc_transpose_bytes(&src[s, 0, 0], src.strides[1], &dst[s, 0, 0], K, K, P)
+
+
 def gather_rows(const uint8_t[:, :, :, :, :, :] a, uint8_t[:, ::1] out):
     """out[(s, i, j), (p, q, r)] = a[s, i, j, p, q, r]: the implicit im2col of a MATMUL
     operand made explicit, for a view whose innermost axis is contiguous (the channels
