@@ -301,3 +301,25 @@ def test_maxpool_kernel_is_the_window_maximum(data):
     got = np.zeros((2, 3, oh, ow), dt)
     _kernels.maxpool(x, got, kh, kw, sh, sw, dh, dw)
     assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("dt", [np.int8, np.uint8])
+@pytest.mark.parametrize("h, w, pad", [(8, 8, 0), (7, 9, 2), (2, 2, 1)])
+def test_two_by_two_max_pool_and_tall_planes(dt, h, w, pad):
+    """The 2x2 / stride 2 fast path of the max-pool kernel, on planes with rows apart and
+    odd sizes (the last row or column dropped), and the same pool over the planes seen as
+    one tall plane per sample (`functional._tall_planes`, when H = OH * 2)."""
+    from qcompile.backend.simulator.functional import _tall_planes
+
+    rng = np.random.default_rng(h * 100 + w)
+    x = rng.integers(np.iinfo(dt).min, int(np.iinfo(dt).max) + 1, (3, 5, h, w + pad)).astype(dt)[..., :w]
+    oh, ow = h // 2, w // 2
+    want = x[:, :, :2 * oh, :2 * ow].reshape(3, 5, oh, 2, ow, 2).max(axis=(3, 5))
+    got = np.zeros((3, 5, oh, ow), dt)
+    _kernels.maxpool(x, got, 2, 2, 2, 2, 1, 1)
+    assert np.array_equal(got, want)
+    tall, out = _tall_planes(x, got, (2, 2, 2, 2, 1, 1, oh, ow))
+    assert (tall.shape[2] == 5 * h) == (h == 2 * oh)        # only where the windows stay in their plane
+    got[...] = 0
+    _kernels.maxpool(tall, out, 2, 2, 2, 2, 1, 1)
+    assert np.array_equal(got, want)
