@@ -171,10 +171,8 @@ class Machine:
                 (a.shape[2] == 1 or a.strides[2] == 1) and (a.shape[1] == 1 or a.strides[1] == a.shape[2]):
             # a 1x1 window over channel planes: the rows are the planes' pixels, one transpose
             s, p = a.shape[0], a.shape[1] * a.shape[2]
-            planes = np.lib.stride_tricks.as_strided(a.view(np.uint8), (s, a.shape[5], p), (a.strides[0], a.strides[5], 1))
-            out = np.empty((s, p, a.shape[5]), np.uint8)
-            _kernels.transpose_planes(planes, out)
-            return out.view(a.dtype).reshape(s * p, k)
+            planes = np.lib.stride_tricks.as_strided(a, (s, a.shape[5], p), (a.strides[0], a.strides[5], 1))
+            return _pixels_first(planes).reshape(s * p, k)
         if a.itemsize == 1 and (a.strides[5] == 1 or a.shape[5] == 1) and not a.flags.c_contiguous and \
                 (a.shape[5] >= 16 or a.strides[4] == a.shape[5]):
             out = np.empty((a.size // k, k), a.dtype)
@@ -188,13 +186,7 @@ class Machine:
         if planar is None:
             return a
         region, strides = planar                                        # (S, k2, P) planes
-        planes = self._view(region)[i:i + a.shape[0]]
-        if planes.itemsize == 1 and (planes.shape[2] == 1 or planes.strides[2] == 1):
-            t = np.empty((planes.shape[0], planes.shape[2], planes.shape[1]), np.uint8)
-            _kernels.transpose_planes(planes.view(np.uint8), t)
-            t = t.view(planes.dtype)
-        else:
-            t = np.ascontiguousarray(planes.transpose(0, 2, 1))
+        t = _pixels_first(self._view(region)[i:i + a.shape[0]])
         return np.ndarray(a.shape, a.dtype, t, 0, (t.strides[0],) + strides)
 
     def _count(self, pc: int, pairs: int, nonzero: int, s: int, size: int):
@@ -355,6 +347,16 @@ class Machine:
 
     def _host(self, index: int):
         self.host.run(index, self.arena)
+
+
+def _pixels_first(planes: np.ndarray) -> np.ndarray:
+    """(S, K, P) channel planes as a contiguous (S, P, K) copy: in SIMD tiles
+    (`_kernels.transpose_planes`) for bytes whose planes are contiguous, else numpy."""
+    if planes.itemsize == 1 and (planes.shape[2] == 1 or planes.strides[2] == 1):
+        t = np.empty((planes.shape[0], planes.shape[2], planes.shape[1]), np.uint8)
+        _kernels.transpose_planes(planes.view(np.uint8), t)
+        return t.view(planes.dtype)
+    return np.ascontiguousarray(planes.transpose(0, 2, 1))
 
 
 def _tall_planes(x: np.ndarray, d: np.ndarray, win) -> Tuple[np.ndarray, np.ndarray]:

@@ -17,15 +17,16 @@ ReduceMean(Conv(x~, dW)) with the layer's own attributes (pads, strides, groups)
 zero padding is counted exactly as the layer sees it. Only the weights' own error is
 corrected, not the shift the input carries from earlier layers, so corrections of
 successive layers do not add up; but a corrected layer moves the mean of the inputs
-after it, so c is measured twice, the second time with the first corrections in place. The corrected bias is stored as quantize stores
-every bias, int32 at scale s_x * s_w (a layer without a bias gets one). A Gemm's bias is
-C scaled by beta: c / beta is added to C. Left alone: MatMul (no bias input), layers
-whose bias is not a per-channel constant, and layers whose input is not quantized.
+after it, so c is measured twice, the second time with the first corrections in place.
+The corrected bias is stored as quantize stores every bias, int32 at scale s_x * s_w
+(a layer without a bias gets one). A Gemm's bias is C scaled by beta: c / beta is added
+to C. Left alone: MatMul (no bias input), layers whose bias is not a per-channel
+constant, and layers whose input is not quantized.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -35,6 +36,7 @@ from qcompile.data import load_samples
 from qcompile.ir import FLOAT, Model, Node, TensorType
 from qcompile.onnx_io import to_proto
 
+from .range_search import qdq_session
 from .weights import quantize_bias
 
 __all__ = ["correct_biases"]
@@ -42,19 +44,17 @@ __all__ = ["correct_biases"]
 log = logging.getLogger(__name__)
 
 
-def correct_biases(model: Model, layers: List[Tuple[Node, np.ndarray, np.ndarray, Optional[np.ndarray]]],
+def correct_biases(model: Model, layers: List[Tuple[Node, np.ndarray, Optional[np.ndarray]]],
                    source: Any, samples: int, rounds: int = 2) -> int:
     """Set each layer's int32 bias to its float bias b plus the weight-error mean
     c = E[(W - W~) * x~], in place (b + c rounded once, not the rounded b plus c).
-    `layers`: (Conv/Gemm node of the QDQ model, float weight W, dequantized weight W~,
-    float bias b or None); `source`: the calibration samples. Correcting a layer moves the mean of the
+    `layers`: (Conv/Gemm node of the QDQ model, weight error dW = W - W~, float bias b
+    or None); `source`: the calibration samples. Correcting a layer moves the mean of the
     inputs x~ after it, so c is measured again with the corrections in place, `rounds`
     times in all (each round leaves the error of the one before times |dW| / |W|).
     Returns how many layers were corrected."""
-    todo = [(node, (w - wq).astype(np.float32)) for node, w, wq, b in layers
-            if _input_scale(node) is not None and (_bias_slot(node) is None or
-                                                   (b is not None and _bias_slot(node) != "bad"))]
-    biases = {id(node): b for node, _, _, b in layers}
+    todo = [(node, dw.astype(np.float32)) for node, dw, b in layers if _correctable(node, b)]
+    biases = {id(node): b for node, _, b in layers}
     if not todo or source is None or samples <= 0:
         return 0
     for _ in range(rounds):
@@ -74,7 +74,7 @@ def _measure(model: Model, todo: List[Tuple[Node, np.ndarray]], source: Any, sam
     proto = to_proto(model)
     produced = {o: n for n in proto.graph.node for o in n.output}
     outputs = [_side_branch(proto, produced[node.outputs[0].name], k, dw) for k, (node, dw) in enumerate(todo)]
-    sess = _session(proto)
+    sess = qdq_session(proto)
     sums: List[Optional[np.ndarray]] = [None] * len(outputs)
     seen = 0
     for batch in load_samples(source, model).batches(16, samples):
@@ -122,6 +122,15 @@ def _weight_scale(node: Node) -> np.ndarray:
     return np.asarray(node.inputs[1].producer.inputs[1].const_value, np.float32)
 
 
+def _correctable(node: Node, b: Optional[np.ndarray]) -> bool:
+    """Whether the layer reads a quantized input and has no bias, or a float bias b that
+    quantize stored as a per-channel int32 constant."""
+    if _input_scale(node) is None:
+        return False
+    slot = _bias_slot(node)
+    return slot is None or (b is not None and slot != "bad")
+
+
 def _bias_slot(node: Node):
     """The bias DequantizeLinear of `node`, None when it has no bias, "bad" when its
     bias is not a per-channel int32 constant this pass can rewrite."""
@@ -158,10 +167,3 @@ def _set_bias(model: Model, node: Node, values: np.ndarray) -> None:
     dq.inputs[0].const_value = q
     dq.inputs[1].const_value = scale
 
-
-def _session(proto: onnx.ModelProto):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    opts.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])

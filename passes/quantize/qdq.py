@@ -244,8 +244,8 @@ class Quantize(Pass):
             decisions.append({"tensor": name, "reason": why, "kept_at": str(dtype)})
         model.graph.sort()
         if q.layers and self.bias_correction:
-            corrected = correct_biases(model, [(n, w, dequantize(qv.const_value, p), b) for n, w, qv, p, b in q.layers],
-                                       calibration_source(model), self.bias_correction)
+            weight_errors = [(n, w - dequantize(qv.const_value, p), b) for n, w, qv, p, b in q.layers]
+            corrected = correct_biases(model, weight_errors, calibration_source(model), self.bias_correction)
             self.stats["layers bias-corrected"] += corrected
         if q.done and self.search_samples:
             chosen = search_activation_ranges(model, model.annotations["calibration"], self.search_samples,
@@ -567,14 +567,12 @@ class _Inserter:
         container = self._container(fmt.dtype, node.op_type == "Conv" and self.bits_of(x) == 4)
         params, dq_out, q_name = self._weight_dq(node, w, array, fmt_here, container)
         node.set_input(1, dq_out)
-        if node.op_type in ("Conv", "Gemm"):
-            bias = node.inputs[2] if len(node.inputs) > 2 else None
-            self.layers.append((node, array, dq_out.producer.inputs[0], params,
-                                None if bias is None or not bias.is_initializer else bias.const_value))
         g = self.graph
         replaced = [w]
+        float_bias = None
         if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].is_initializer:
             b = node.inputs[2]
+            float_bias = b.const_value
             b_q, bias_scale = quantize_bias(b.const_value, s_x, params.scale)
             qb = g.make_constant(b_q, b.name + "_quantized")
             sb = g.make_constant(bias_scale, b.name + "_scale")
@@ -588,6 +586,8 @@ class _Inserter:
         for old in replaced:
             if not old.uses and old.is_initializer and not old.is_graph_input:
                 g.remove_initializer(old.name)
+        if node.op_type in ("Conv", "Gemm"):
+            self.layers.append((node, array, dq_out.producer.inputs[0], params, float_bias))
         self.activation(_fused_output(node))
         return q_name
 

@@ -115,7 +115,7 @@ def search_activation_ranges(model: Model, stats, samples: int, seconds: float =
     biases = {name: _dependent_biases(q) for name, q in quants.items()}
     proto = to_proto(model)
     inits = {i.name: i for i in proto.graph.initializer}
-    fsess = _session(model.annotations["float_model"])
+    fsess = qdq_session(model.annotations["float_model"])
     outputs = [o.name for o in fsess.get_outputs()]
     loaded = list(load_samples(source, model).batches(16, samples))
     batches, counts = [dict(b) for b in loaded], [b.samples for b in loaded]
@@ -130,7 +130,7 @@ def search_activation_ranges(model: Model, stats, samples: int, seconds: float =
             for bias in biases[name]:
                 for v, a in zip(bias.slots, bias.at(s)):
                     inits[v.name].CopyFrom(numpy_helper.from_array(a, v.name))
-        sess = _session(proto)
+        sess = qdq_session(proto)
         return np.concatenate([_sample_errors(ref, sess.run(outputs, b), n)
                                for b, ref, n in zip(batches, refs, counts)])
 
@@ -217,7 +217,9 @@ def _t(best: np.ndarray, err: np.ndarray) -> float:
     return float(cut.mean() / (spread / np.sqrt(len(cut))))
 
 
-def _session(proto: onnx.ModelProto):
+def qdq_session(proto: onnx.ModelProto):
+    """An onnxruntime session of `proto` as a user runs it (graph optimisations on, so
+    the fused QDQ kernels are the ones measured), two threads."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
