@@ -285,6 +285,31 @@ def test_lut_kernel_is_the_per_channel_gather(data):
     assert np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("level", [2, 1, 0])
+@pytest.mark.parametrize("d_dt", [np.int8, np.uint8])
+def test_byte_lut_paths_are_the_gather(level, d_dt):
+    """Byte tables over long channel runs go through SIMD lookups (`qc_lut8`: AVX-512
+    VBMI, AVX2, scalar; each path forced in turn, the CPU permitting): every index of
+    every table, runs of 1 to 300 bytes with the 64- and 32-byte blocks' tails, equal
+    the direct gather."""
+    rng = np.random.default_rng(level)
+    for signed in (False, True):
+        for inner in (1, 31, 32, 63, 64, 65, 100, 300):
+            nch = 3
+            n = inner * nch * 2 + 7
+            x = rng.integers(0, 256, (2, n)).astype(np.uint8)
+            x[0, :min(n, 256)] = np.arange(min(n, 256))
+            tables = rng.integers(np.iinfo(d_dt).min, int(np.iinfo(d_dt).max) + 1, (1, nch * 256)).astype(d_dt)
+            idx = (x.astype(np.int64) ^ (0x80 if signed else 0)) + 256 * ((np.arange(n) // inner) % nch)
+            got = np.zeros((2, n), d_dt)
+            old = _kernels.set_lut_level(level)
+            try:
+                _kernels.lut(x, tables, got, signed, nch, inner)
+            finally:
+                _kernels.set_lut_level(old)
+            assert np.array_equal(got, tables[0][idx]), (signed, inner)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.data())
 def test_maxpool_kernel_is_the_window_maximum(data):

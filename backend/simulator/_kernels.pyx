@@ -36,6 +36,8 @@ cdef extern from "_requant.h" nogil:
     void qc_max_i8(int8_t* m, const int8_t* s, Py_ssize_t n)
     void qc_tap_u8(int32_t* acc, const uint8_t* s, Py_ssize_t n, int32_t zp, int32_t w)
     void qc_tap_i8(int32_t* acc, const int8_t* s, Py_ssize_t n, int32_t zp, int32_t w)
+    void qc_lut8(const uint8_t* s, uint8_t* d, const uint8_t* tbl, Py_ssize_t n, uint8_t flip)
+    int qc_lut_level
     void qc_vadd(int code, const void* a, const void* b, void* d, Py_ssize_t n, double azp, double bzp, double ma,
                  double mb, double r, double c, double lo, double hi)
 
@@ -406,8 +408,8 @@ def lut(const uint8_t[:, :] src, const dst_t[:, :] tables, dst_t[:, :] dst, bint
         Py_ssize_t inner):
     """dst[s, e] = tables[s or 0, 256 ch + (src[s, e] ^ 0x80 if signed else src[s, e])],
     ch = (e // inner) % nch: VLUT, a table per channel of `inner` consecutive elements
-    (8-bit indices given as bytes), in runs of one channel each; numpy needs an int64
-    index array and a gather for the same."""
+    (8-bit indices given as bytes), in runs of one channel each (byte tables through
+    SIMD lookups, `qc_lut8`); numpy needs an int64 index array and a gather for the same."""
     cdef Py_ssize_t S = dst.shape[0], n = dst.shape[1], s, e0, e1, t, ch
     cdef uint8_t flip = 0x80 if signed else 0
     cdef const dst_t* tbl
@@ -433,9 +435,21 @@ def lut(const uint8_t[:, :] src, const dst_t[:, :] tables, dst_t[:, :] dst, bint
                     e1 = n
                 ch = (e0 // inner) % nch
                 tbl = &tables[s if tables.shape[0] > 1 else 0, 256 * ch]
-                for t in range(e0, e1):
-                    dp[t] = tbl[sp[t] ^ flip]
+                if sizeof(dst_t) == 1:          # byte tables: SIMD lookups (_requant.h)
+                    qc_lut8(sp + e0, <uint8_t*>(dp + e0), <const uint8_t*>tbl, e1 - e0, flip)
+                else:
+                    for t in range(e0, e1):
+                        dp[t] = tbl[sp[t] ^ flip]
                 e0 = e1
+
+
+def set_lut_level(int level):
+    """The widest path byte lookups may take (2: AVX-512 VBMI, 1: AVX2, 0: scalar; the
+    CPU's support is still checked); returns the previous one. For tests."""
+    global qc_lut_level
+    old = qc_lut_level
+    qc_lut_level = level
+    return old
 
 
 def window_sums(src, acc, int x_zp, int kh, int kw, int sh, int sw, int dh, int dw):

@@ -245,3 +245,69 @@ QC_TAP(qc_tap_i8, int8_t)
 
 QC_MAX(qc_max_u8, uint8_t)
 QC_MAX(qc_max_i8, int8_t)
+
+/* VLUT runs of byte tables: d[t] = tbl[s[t] ^ flip] for n bytes, a 256-entry table. With
+ * AVX-512 VBMI (checked at run time) 64 lookups go at a time: two two-register byte
+ * permutes pick from the table's halves by the index's low 7 bits, its top bit blends
+ * them. With AVX2, 32 at a time: 16 in-lane shuffles, one per 16-entry slice, each kept
+ * where the index's high nibble names its slice. Elsewhere, and for the tail, a scalar
+ * loop. A lookup either way, so the results are the same. */
+#ifdef QC_AVX2
+static int qc_vbmi = -1;
+static int qc_have_vbmi(void) {
+    if (qc_vbmi < 0) {
+        __builtin_cpu_init();
+        qc_vbmi = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512vbmi") ? 1 : 0;
+    }
+    return qc_vbmi;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) static ptrdiff_t qc_lut8_vbmi(
+    const uint8_t *s, uint8_t *d, const uint8_t *tbl, ptrdiff_t n, uint8_t flip) {
+    __m512i t0 = _mm512_loadu_si512((const void *)tbl), t1 = _mm512_loadu_si512((const void *)(tbl + 64));
+    __m512i t2 = _mm512_loadu_si512((const void *)(tbl + 128)), t3 = _mm512_loadu_si512((const void *)(tbl + 192));
+    __m512i vf = _mm512_set1_epi8((char)flip);
+    ptrdiff_t t = 0;
+    for (; t + 64 <= n; t += 64) {
+        __m512i x = _mm512_xor_si512(_mm512_loadu_si512((const void *)(s + t)), vf);
+        __m512i lo = _mm512_permutex2var_epi8(t0, x, t1);       /* entries 0..127 by bits 0-6 */
+        __m512i hi = _mm512_permutex2var_epi8(t2, x, t3);       /* entries 128..255 */
+        _mm512_storeu_si512((void *)(d + t), _mm512_mask_blend_epi8(_mm512_movepi8_mask(x), lo, hi));
+    }
+    return t;
+}
+
+__attribute__((target("avx2"))) static ptrdiff_t qc_lut8_avx2(const uint8_t *s, uint8_t *d, const uint8_t *tbl,
+                                                            ptrdiff_t n, uint8_t flip) {
+    __m256i slice[16];
+    __m256i nib = _mm256_set1_epi8(0x0F), vf = _mm256_set1_epi8((char)flip);
+    ptrdiff_t t = 0;
+    int h;
+    for (h = 0; h < 16; h++) slice[h] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tbl + 16 * h)));
+    for (; t + 32 <= n; t += 32) {
+        __m256i x = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(s + t)), vf);
+        __m256i lo = _mm256_and_si256(x, nib), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), nib);
+        __m256i r = _mm256_setzero_si256();
+        for (h = 0; h < 16; h++) {
+            __m256i hit = _mm256_cmpeq_epi8(hi, _mm256_set1_epi8((char)h));
+            r = _mm256_or_si256(r, _mm256_and_si256(_mm256_shuffle_epi8(slice[h], lo), hit));
+        }
+        _mm256_storeu_si256((__m256i *)(d + t), r);
+    }
+    return t;
+}
+#endif
+
+/* The widest lookup path qc_lut8 may take: 2 VBMI, 1 AVX2, 0 scalar (tests lower it to
+ * check every path on one machine); the CPU's support is still checked. */
+static int qc_lut_level = 2;
+
+static void qc_lut8(const uint8_t *s, uint8_t *d, const uint8_t *tbl, ptrdiff_t n, uint8_t flip) {
+    ptrdiff_t t = 0;
+#ifdef QC_AVX2
+    if (n >= 64 && qc_lut_level >= 2 && qc_have_vbmi()) t = qc_lut8_vbmi(s, d, tbl, n, flip);
+    else if (n >= 32 && qc_lut_level >= 1 && qc_have_avx2()) t = qc_lut8_avx2(s, d, tbl, n, flip);
+#endif
+    for (; t < n; t++) d[t] = tbl[s[t] ^ flip];
+}

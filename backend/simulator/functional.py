@@ -220,10 +220,15 @@ class Machine:
     def _vfill(self, blk: Block, value: int):
         self._view(blk)[...] = value
 
-    def _vreq(self, src: Block, dst: Block, params: Optional[Block], per: int, mult: int, shift: int, x_zp: int,
-              out_zp: int, lo: int, hi: int):
+    def _vreq(self, pc: int, src: Block, dst: Block, params: Optional[Block], per: int, mult: int, shift: int,
+              x_zp: int, out_zp: int, lo: int, hi: int):
         x = self._view(src)
         d = self._view(dst)
+        key = ("vreq", pc) if params is None or not self.wgt_varies else None    # the same operands every run
+        rq = self.plan.cache.get(key)
+        if rq is not None:
+            rq.apply(self, d, x)
+            return
         if params is not None:
             p = self._view(params)
             m, s = p[..., 0].astype(np.int64), p[..., 1].astype(np.int64)
@@ -231,9 +236,9 @@ class Machine:
             s = s[:, None, :] if per == 1 else s[:, :, None]
         else:
             m, s = mult, shift
-        self._requant(d, x, x_zp, _bound(x.dtype, x_zp), m, s, out_zp, lo, hi)
+        self._requant(d, x, x_zp, _bound(x.dtype, x_zp), m, s, out_zp, lo, hi, key)
 
-    def _vadd(self, a: Block, b: Block, d: Block, a_zp, b_zp, ma, mb, shift, out_zp, lo, hi, fused):
+    def _vadd(self, pc: int, a: Block, b: Block, d: Block, a_zp, b_zp, ma, mb, shift, out_zp, lo, hi, fused):
         x, y = self._view(a), self._view(b)
         if fused is not None:           # 8-bit operands, the float form exact: one fused pass
             code, r = fused
@@ -243,54 +248,26 @@ class Machine:
         bound = _bound(x.dtype, a_zp) * abs(ma) + _bound(y.dtype, b_zp) * abs(mb)
         t = np.float64 if bound < 2 ** 53 else np.int64          # exact either way
         acc = (x.astype(t) - a_zp) * ma + (y.astype(t) - b_zp) * mb
-        self._requant(self._view(d), acc, 0, bound, 1, shift, out_zp, lo, hi)
+        self._requant(self._view(d), acc, 0, bound, 1, shift, out_zp, lo, hi, ("vadd", pc))
 
-    def _vmul(self, a: Block, b: Block, d: Block, a_zp, b_zp, mult, shift, out_zp, lo, hi):
+    def _vmul(self, pc: int, a: Block, b: Block, d: Block, a_zp, b_zp, mult, shift, out_zp, lo, hi):
         x, y = self._view(a), self._view(b)
         bound = _bound(x.dtype, a_zp) * _bound(y.dtype, b_zp)
         t = np.float64 if bound < 2 ** 53 else np.int64
         acc = (x.astype(t) - a_zp) * (y.astype(t) - b_zp)
-        self._requant(self._view(d), acc, 0, bound, mult, shift, out_zp, lo, hi)
+        self._requant(self._view(d), acc, 0, bound, mult, shift, out_zp, lo, hi, ("vmul", pc))
 
-    def _requant(self, dst: np.ndarray, x: np.ndarray, x_zp: int, bound: int, m, s, zp: int, lo: int, hi: int):
+    def _requant(self, dst: np.ndarray, x: np.ndarray, x_zp: int, bound: int, m, s, zp: int, lo: int, hi: int,
+                 key=None):
         """dst = requantize(x - x_zp, m, s, zp, lo, hi) cast to dst's type, for integer-valued
-        x with |x - x_zp| <= bound; in float64 where `_float_exact` proves it bit-identical,
-        a few samples at a time (the float work stays in cache)."""
-        m, s = np.asarray(m, np.int64), np.asarray(s, np.int64)
-        info = np.iinfo(dst.dtype)
-        fits = info.min <= lo and hi <= info.max        # else the int32 result wraps in the cast
-        if not _float_exact(bound, m, s, zp, lo, hi):
-            per = _per(m, s, x)
-            if per is not None and x.dtype in _KERNEL_TYPES and dst.dtype in _KERNEL_TYPES and \
-                    0 <= s.min(initial=0) and s.max(initial=0) < 63:
-                flat = (lambda a: a.reshape(-1, 1)) if per == 0 else (lambda a: a.reshape(a.shape[0], -1))
-                _kernels.requantize(x, dst, flat(m), flat(s), per, x_zp, zp, lo, hi)   # the integer rule, one pass
-            else:
-                dst[...] = requantize(np.asarray(x).astype(np.int64) - x_zp, m, s, zp, lo, hi).astype(dst.dtype)
-            return
-        r = np.ldexp(m.astype(np.float64), (-s).astype(np.int32))         # m * 2^-s, exact
-        per = _per(m, s, x)
-        if per is not None and x.dtype in _FLOAT_KERNEL_TYPES and dst.dtype in _KERNEL_TYPES:
-            flat = r.reshape(-1, 1) if per == 0 else r.reshape(r.shape[0], -1)
-            _kernels.requantize_float(x, dst, flat, per, x_zp, zp + 0.5, lo, hi)   # the same float steps, one pass
-            return
-        per = max(1, x[0].size)
-        step = max(1, _CHUNK // per)
-        if self.scratch.size < step * per:
-            self.scratch = np.empty(step * per, np.float64)
-        for i in range(0, x.shape[0], step):
-            xi = x[i:i + step]
-            t = self.scratch[:xi.size].reshape(xi.shape)
-            ri = r[i:i + step] if r.ndim == x.ndim and r.shape[0] > 1 else r
-            if x_zp:
-                np.subtract(xi, x_zp, out=t, dtype=np.float64)
-                t *= ri
-            else:
-                np.multiply(xi, ri, out=t, dtype=np.float64)
-            t += zp + 0.5
-            np.floor(t, out=t)
-            np.clip(t, lo, hi, out=t)
-            dst[i:i + step] = t if fits else t.astype(np.int32).astype(dst.dtype)
+        x with |x - x_zp| <= bound (`_Requant` decides how). `key` names a requantization
+        whose operands are the same in every run (its plan is then kept)."""
+        rq = self.plan.cache.get(key) if key is not None else None
+        if rq is None:
+            rq = _Requant(dst.dtype, x, x_zp, bound, m, s, zp, lo, hi)
+            if key is not None:
+                self.plan.cache[key] = rq
+        rq.apply(self, dst, x)
 
     def _vlut(self, src: Block, tables: Block, dst: Block, signed: bool, nch: int, chan: Optional[np.ndarray],
               inner: int):
@@ -307,7 +284,7 @@ class Machine:
         d = self._view(dst)
         d[...] = flat[0][idx] if flat.shape[0] == 1 else np.take_along_axis(flat, idx.astype(np.intp), axis=1)
 
-    def _vpool(self, src: Block, dst: Block, win, mode: int, x_zp, mult, shift, out_zp, lo, hi):
+    def _vpool(self, pc: int, src: Block, dst: Block, win, mode: int, x_zp, mult, shift, out_zp, lo, hi):
         x = self._view(src)
         d = self._view(dst)
         one_byte = x.dtype.itemsize == 1 and x.dtype.kind in "iu"
@@ -323,10 +300,10 @@ class Machine:
             x, d = _tall_planes(x, d, win)
             acc = np.zeros(d.shape, np.int32)
             _kernels.window_sums(x, acc, int(x_zp), *win[:6])
-            self._requant(d, acc, 0, bound, mult, shift, out_zp, lo, hi)
+            self._requant(d, acc, 0, bound, mult, shift, out_zp, lo, hi, ("vpool", pc))
             return
         acc = _pool(x, win, np.add, np.int32 if taps * _bound(x.dtype, 0) < 2 ** 31 else np.int64)
-        self._requant(d, acc, x_zp * taps, bound, mult, shift, out_zp, lo, hi)
+        self._requant(d, acc, x_zp * taps, bound, mult, shift, out_zp, lo, hi, ("vpool", pc))
 
     def _vdwconv(self, src: Block, wgt: Block, acc_blk: Block, x_zp: int, win):
         kh, kw, sh, sw, dh, dw, oh, ow = win
@@ -357,6 +334,64 @@ def _pixels_first(planes: np.ndarray) -> np.ndarray:
         _kernels.transpose_planes(planes.view(np.uint8), t)
         return t.view(planes.dtype)
     return np.ascontiguousarray(planes.transpose(0, 2, 1))
+
+
+class _Requant:
+    """How to requantize one instruction's values (`Machine._requant`), decided once:
+    in float64 where `_float_exact` proves it bit-identical to the integer rule (fused in
+    `_kernels.requantize_float` when the types and multiplier layout allow, else a few
+    samples at a time so the float work stays in cache), else by the integer rule
+    (`_kernels.requantize`, or int64 numpy)."""
+
+    def __init__(self, dtype: np.dtype, x: np.ndarray, x_zp: int, bound: int, m, s, zp: int, lo: int, hi: int):
+        m, s = np.asarray(m, np.int64), np.asarray(s, np.int64)
+        info = np.iinfo(dtype)
+        self.fits = info.min <= lo and hi <= info.max        # else the int32 result wraps in the cast
+        self.x_zp, self.zp, self.lo, self.hi, self.m, self.s = x_zp, zp, lo, hi, m, s
+        per = _per(m, s, x)
+        flat = (lambda a: a.reshape(-1, 1)) if per == 0 else (lambda a: a.reshape(a.shape[0], -1))
+        if not _float_exact(bound, m, s, zp, lo, hi):
+            if per is not None and x.dtype in _KERNEL_TYPES and dtype in _KERNEL_TYPES and \
+                    0 <= s.min(initial=0) and s.max(initial=0) < 63:
+                self.kind, self.args = "int", (flat(m), flat(s), per)       # the integer rule, one pass
+            else:
+                self.kind, self.args = "int64", ()
+            return
+        r = np.ldexp(m.astype(np.float64), (-s).astype(np.int32))         # m * 2^-s, exact
+        if per is not None and x.dtype in _FLOAT_KERNEL_TYPES and dtype in _KERNEL_TYPES:
+            self.kind, self.args = "float", (flat(r), per)                  # the same float steps, one pass
+        else:
+            self.kind, self.args = "chunks", (r,)
+
+    def apply(self, machine: "Machine", dst: np.ndarray, x: np.ndarray) -> None:
+        x_zp, zp, lo, hi = self.x_zp, self.zp, self.lo, self.hi
+        if self.kind == "float":
+            _kernels.requantize_float(x, dst, self.args[0], self.args[1], x_zp, zp + 0.5, lo, hi)
+            return
+        if self.kind == "int":
+            _kernels.requantize(x, dst, *self.args, x_zp, zp, lo, hi)
+            return
+        if self.kind == "int64":
+            dst[...] = requantize(np.asarray(x).astype(np.int64) - x_zp, self.m, self.s, zp, lo, hi).astype(dst.dtype)
+            return
+        r = self.args[0]
+        per = max(1, x[0].size)
+        step = max(1, _CHUNK // per)
+        if machine.scratch.size < step * per:
+            machine.scratch = np.empty(step * per, np.float64)
+        for i in range(0, x.shape[0], step):
+            xi = x[i:i + step]
+            t = machine.scratch[:xi.size].reshape(xi.shape)
+            ri = r[i:i + step] if r.ndim == x.ndim and r.shape[0] > 1 else r
+            if x_zp:
+                np.subtract(xi, x_zp, out=t, dtype=np.float64)
+                t *= ri
+            else:
+                np.multiply(xi, ri, out=t, dtype=np.float64)
+            t += zp + 0.5
+            np.floor(t, out=t)
+            np.clip(t, lo, hi, out=t)
+            dst[i:i + step] = t if self.fits else t.astype(np.int32).astype(dst.dtype)
 
 
 def _tall_planes(x: np.ndarray, d: np.ndarray, win) -> Tuple[np.ndarray, np.ndarray]:
@@ -497,7 +532,7 @@ class _Plan:
         self.const = np.zeros((1, _round8(len(program.const))), np.uint8)
         self.const[0, :len(program.const)] = np.frombuffer(program.const, dtype=np.uint8)
         self.const.flags.writeable = False
-        self.cache: Dict[int, tuple] = {}                       # MATMUL index -> _weight_sums
+        self.cache: Dict[object, object] = {}   # MATMUL index -> _weight_sums; (op, index) -> _Requant
         self.host = HostRunner(program)                         # its sessions serve every run
         self.steps = [(s[0], s[1:]) for s in (_DECODE[ins.op](self, ins.args, pc) for pc, ins in enumerate(instrs))]
 
@@ -589,7 +624,7 @@ class _Plan:
             params = self.block(WGT, DType.INT32, a["params"], (count, 2), (2, 1), f"instruction {pc} VREQ params")
         dst = self.block(ACT, DType(a["dtype_out"]), a["dst"], (a["rows"], a["cols"]), (a["drs"], a["dcs"]),
                          f"instruction {pc} VREQ destination")
-        return (Machine._vreq, src, dst, params, a["per"], a["mult"], a["shift"], a["x_zp"], a["out_zp"], a["lo"],
+        return (Machine._vreq, pc, src, dst, params, a["per"], a["mult"], a["shift"], a["x_zp"], a["out_zp"], a["lo"],
                 a["hi"])
 
     def _operands(self, a, pc, what):
@@ -599,11 +634,11 @@ class _Plan:
 
     def _vadd(self, a, pc):
         ops = self._operands(a, pc, "VADD")
-        return (Machine._vadd, *ops, a["a_zp"], a["b_zp"], a["ma"], a["mb"], a["shift"], a["out_zp"], a["lo"],
+        return (Machine._vadd, pc, *ops, a["a_zp"], a["b_zp"], a["ma"], a["mb"], a["shift"], a["out_zp"], a["lo"],
                 a["hi"], _fused_vadd(ops, a))
 
     def _vmul(self, a, pc):
-        return (Machine._vmul, *self._operands(a, pc, "VMUL"), a["a_zp"], a["b_zp"], a["mult"], a["shift"],
+        return (Machine._vmul, pc, *self._operands(a, pc, "VMUL"), a["a_zp"], a["b_zp"], a["mult"], a["shift"],
                 a["out_zp"], a["lo"], a["hi"])
 
     def _vlut(self, a, pc):
@@ -631,7 +666,7 @@ class _Plan:
         src, win = self._window(a, pc, "VPOOL")
         c, oh, ow = a["channels"], a["oh"], a["ow"]
         dst = self.block(ACT, DType(a["dtype"]), a["dst"], (c, oh, ow), (oh * ow, ow, 1), f"instruction {pc}")
-        return (Machine._vpool, src, dst, win, a["mode"], a["x_zp"], a["mult"], a["shift"], a["out_zp"], a["lo"],
+        return (Machine._vpool, pc, src, dst, win, a["mode"], a["x_zp"], a["mult"], a["shift"], a["out_zp"], a["lo"],
                 a["hi"])
 
     def _vdwconv(self, a, pc):
