@@ -582,3 +582,65 @@ def test_report_text_has_shapes_energy_components_and_sparsity_per_layer():
     rows = text[text.index("sparsity per layer"):].splitlines()
     conv_row = next(r for r in rows if "/3/Conv" in r).split()
     assert conv_row[2:4] == ["50%", "2:4"]
+
+
+# -- MATMULs sharing their A operand ---------------------------------------------------------
+@pytest.mark.parametrize("engine", ["float32", "int_mm"])
+def test_matmuls_sharing_a_tile_run_as_one_product(monkeypatch, engine):
+    """A convolution with more output channels than the array has columns becomes one
+    MATMUL per channel tile over the same input tile: the simulator groups them
+    (`_SharedA`) and does one wide GEMM. Outputs equal the integer reference, and outputs
+    and report (operand-sparsity counts included) equal a run with grouping off."""
+    if engine == "int_mm":
+        pytest.importorskip("torch")
+    from qcompile.backend.simulator import functional
+
+    monkeypatch.setenv("QCOMPILE_GEMM", engine)
+    c, m, h, w = 8, 20, 6, 6           # the tiny target: 8 columns, a 1 KiB weight buffer
+    wt = (RNG.standard_normal((m, c, 3, 3)) * 0.2).astype(np.float32)
+    b = RNG.standard_normal(m).astype(np.float32) * 0.1
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["y"])]
+    proto = _model(nodes, [("x", [1, c, h, w])], None, [("w", wt), ("b", b)])
+    int_model = _integer(proto, [{"x": x} for x in _samples({"x": (1, c, h, w)}, 8)["x"]])
+    feeds = _samples({"x": (1, c, h, w)}, 5)
+    prog, res = _check(int_model, feeds, "tiny")
+    groups = prog.__dict__["_rainsim_plan"].groups
+    assert len(groups) >= 4 and len({id(g) for g in groups.values()}) < len(groups)
+    monkeypatch.setattr(functional._SharedA, "find", staticmethod(lambda steps: {}))
+    prog2 = Program.from_bytes(prog.to_bytes())
+    res2 = simulate(prog2, TARGETS["tiny"], feeds)
+    assert not prog2.__dict__["_rainsim_plan"].groups
+    assert np.array_equal(res.raw_outputs["y"], res2.raw_outputs["y"])
+    assert res.report == res2.report
+
+
+def test_shared_a_groups_break_at_writes_to_a_or_to_b():
+    """`_SharedA.find` groups two MATMULs over the same A only while nothing writes A's
+    bytes between them and each B is, in every run, a LOAD of constants."""
+    from qcompile.backend.simulator.functional import ACT, ARENA, CONST, WGT, Machine, _SharedA
+
+    i8, i32 = np.dtype(np.int8), np.dtype(np.int32)
+    a_blk = (ACT, i8, 0, (1, 4, 1, 1, 8), (32, 8, 0, 0, 1))
+    b_blk = (WGT, i8, 64, (8, 4), (4, 1))
+
+    def load(src, dst):
+        return Machine._copy, (src, dst, dst[0] == WGT and src[0] != CONST)
+
+    def matmul(pc):
+        return Machine._matmul, (pc, a_blk, None, 4, 8, (WGT, "dense", b_blk), (2, i32, 0, (4, 4), (16, 4)), 0, 0)
+
+    weights = load((CONST, i8, 0, (1, 1, 32), (0, 0, 1)), (WGT, i8, 64, (1, 1, 32), (0, 0, 1)))
+    other = load((CONST, i8, 32, (1, 1, 32), (0, 0, 1)), (WGT, i8, 64, (1, 1, 32), (0, 0, 1)))
+    into_a = load((ARENA, i8, 0, (1, 1, 8), (0, 0, 1)), (ACT, i8, 8, (1, 1, 8), (0, 0, 1)))
+    beside_a = load((ARENA, i8, 0, (1, 1, 8), (0, 0, 1)), (ACT, i8, 40, (1, 1, 8), (0, 0, 1)))
+    from_arena = load((ARENA, i8, 0, (1, 1, 32), (0, 0, 1)), (WGT, i8, 64, (1, 1, 32), (0, 0, 1)))
+
+    def find(*steps):
+        g = _SharedA.find(list(steps))
+        return sorted((pc, tuple(x.members), [s[0] for s in x.sources]) for pc, x in g.items())
+
+    assert find(weights, matmul(1), other, beside_a, matmul(4)) == [(1, (1, 4), [0, 32]), (4, (1, 4), [0, 32])]
+    assert find(weights, matmul(1), other, into_a, matmul(4)) == []        # A rewritten in between
+    assert find(weights, matmul(1), from_arena, matmul(3)) == []           # B per inference
+    assert find(from_arena, matmul(1), weights, matmul(3)) == []           # the first B per inference

@@ -573,11 +573,12 @@ ctypedef fused prod_t:
     int32_t
 
 
-def accumulate(int32_t[:, :, :] acc, const prod_t[:, ::1] res, const int32_t[::1] col=None,
+def accumulate(int32_t[:, :, :] acc, const prod_t[:, :] res, const int32_t[::1] col=None,
                const int32_t[::1] row=None):
     """acc[s, i, j] += res[s M + i, j] (int32, or an exact integer in float32) [+ col[j]]
     [+ row[s M + i]], modulo 2^32 as the int32 accumulator adds (-fwrapv): one pass where
-    numpy's strided adds over short accumulator rows take one each."""
+    numpy's strided adds over short accumulator rows take one each. res's rows may be
+    apart (a column slice of a wider product)."""
     cdef Py_ssize_t S = acc.shape[0], M = acc.shape[1], N = acc.shape[2]
     cdef Py_ssize_t s, i, j, r
     cdef int32_t extra
@@ -587,8 +588,8 @@ def accumulate(int32_t[:, :, :] acc, const prod_t[:, ::1] res, const int32_t[::1
     if res.shape[0] != S * M or res.shape[1] != N or (has_col and col.shape[0] != N) or \
             (has_row and row.shape[0] != S * M):
         raise ValueError("accumulate: accumulator and product do not match")
-    if acc.strides[2] != 4:
-        raise ValueError("accumulate: accumulator rows must be contiguous")
+    if acc.strides[2] != 4 or (N > 1 and res.strides[1] != sizeof(prod_t)):
+        raise ValueError("accumulate: accumulator and product rows must be contiguous")
     with nogil:
         for s in range(S):
             for i in range(M):

@@ -70,6 +70,7 @@ class Machine:
         self.scratch = np.empty(0, np.float64)   # float work space of _requant
         self.wgt_varies = False        # something per-inference was loaded into the weight buffer
         self.host = self.plan.host
+        self.shared: dict = {}         # _SharedA leader index -> the group's product, until its last MATMUL
         self.mac_pairs: dict = {}      # MATMUL index -> MACs with both operands nonzero, per inference
         self.act_nonzero: dict = {}    # MATMUL index -> fraction of A operands that are nonzero
 
@@ -102,6 +103,10 @@ class Machine:
         self._view(dst)[...] = x
 
     def _matmul(self, pc: int, a_blk: Block, planar, m: int, k: int, b, acc_blk: Block, za: int, zb: int):
+        group = self.plan.groups.get(pc)
+        if group is not None:           # A shared with the next MATMULs: one product for all (_SharedA)
+            self._shared_matmul(pc, group, a_blk, planar, m, k, za, acc_blk)
+            return
         av = self._view(a_blk)          # (S, m0, m1, k0, k1, k2): A, an implicit im2col
         s = av.shape[0]
         constant = b[0] == WGT and not self.wgt_varies     # B is the same in every run (module doc)
@@ -153,6 +158,66 @@ class Machine:
             pairs, nonzero = pairs + int(col @ cnt), nonzero + int(col.sum())
         if self.count:
             self._count(pc, pairs, nonzero, s, s * m * k)
+
+    def _shared_matmul(self, pc: int, group: "_SharedA", a_blk: Block, planar, m: int, k: int, za: int,
+                       acc_blk: Block):
+        """One MATMUL of a `_SharedA` group: the first computes A [B_1 | B_2 | ...] for all of
+        the group at once (A's im2col made once, one wide GEMM); each adds its columns and
+        its zero-point terms to its accumulator."""
+        i = group.members.index(pc)
+        if i == 0:
+            self.shared[pc] = self._group_product(group, a_blk, planar, m, k, za)
+        res, sums, col = self.shared[group.members[0]]
+        w = self.plan.cache[("shared", group.members[0])]
+        c0, c1 = w.cols[i], w.cols[i + 1]
+        zb8, za8 = w.zb8[i], int(za) - w.flip
+        corr = k * za8 * zb8 - za8 * w.colsum[c0:c1]      # added modulo 2^32, as the int32 accumulator
+        corr = corr.astype(np.int32) if np.any(corr) else None
+        row = (-zb8 * sums).astype(np.int32) if zb8 else None
+        _kernels.accumulate(self._view(acc_blk), res[:, c0:c1], corr, row)
+        if col is not None:
+            s = res.shape[0] // m
+            self._count(pc, int(col @ w.cnt[i]), int(col.sum()), s, s * m * k)
+        if i == len(group.members) - 1:
+            del self.shared[group.members[0]]
+
+    def _group_product(self, group: "_SharedA", a_blk: Block, planar, m: int, k: int, za: int):
+        """(A B as int32 (S m, sum n), A's int8 row sums or None, A's nonzero count per
+        column or None) for a `_SharedA` group, B its MATMULs' weights side by side."""
+        gemm = _gemm.engine()
+        key = ("shared", group.members[0])
+        w = self.plan.cache.get(key)
+        if w is None or w.gemm != gemm.name:
+            w = self.plan.cache[key] = group.weights(self.plan.const[0], gemm, self._view(a_blk).dtype)
+        av = self._view(a_blk)
+        s, ncols = av.shape[0], w.cols[-1]
+        res = np.empty((s * m, ncols), np.int32)
+        sums = np.empty(s * m, np.int64) if any(w.zb8) else None
+        col = np.zeros(k, np.int64) if self.count else None
+        za8 = int(za) - w.flip
+        channels = _channel_major(av)
+        step = max(1, (1 << 18) // (m * max(k, 4 * ncols)))   # samples at a time: the work stays in cache
+        for i in range(0, s, step):
+            rows = slice(i * m, min(s, i + step) * m)
+            if gemm.operand is np.float32:
+                if channels is not None:                      # A's transposes: no im2col
+                    a = np.empty((min(s, i + step) - i, k, m), np.float32)
+                    np.subtract(channels[i:i + step], w.flip, out=a, dtype=np.float32)
+                    if sums is not None:
+                        sums[rows] = a.sum(axis=1, dtype=np.float64).astype(np.int64).reshape(-1)
+                else:
+                    a = self._im2col_f32(av[i:i + step], planar, i, k, w.flip, sums[rows] if sums is not None else None)
+                out = res[rows].reshape(-1, m, ncols)
+                out[...] = 0
+                gemm.accumulate(out, a, w.prepared)
+            else:
+                a, _ = _as_int8(self._im2col(av[i:i + step], planar, i, k), za)
+                if sums is not None:
+                    sums[rows] = a.sum(axis=1, dtype=np.int64)
+                gemm.product(a, w.prepared, res[rows])
+            if col is not None:
+                col += np.not_equal(a, za8).sum(axis=(0, 2) if a.ndim == 3 else 0, dtype=np.int64)
+        return res, sums, col
 
     def _im2col_f32(self, a: np.ndarray, planar, i: int, k: int, flip: int, sums) -> np.ndarray:
         """(rows, K) float32 of A's samples `a` (from sample i), minus `flip`, in one pass
@@ -535,6 +600,7 @@ class _Plan:
         self.cache: Dict[object, object] = {}   # MATMUL index -> _weight_sums; (op, index) -> _Requant
         self.host = HostRunner(program)                         # its sessions serve every run
         self.steps = [(s[0], s[1:]) for s in (_DECODE[ins.op](self, ins.args, pc) for pc, ins in enumerate(instrs))]
+        self.groups = _SharedA.find(self.steps)                 # MATMUL index -> its _SharedA group
 
     @classmethod
     def of(cls, program: Program, instrs: List[Instr], limits) -> "_Plan":
@@ -726,6 +792,125 @@ def _fused_vadd(ops, a) -> Optional[Tuple[int, float]]:
     return int(code), float(np.ldexp(1.0, -int(a["shift"])))
 
 
+class _SharedWeights:
+    """What a `_SharedA` group's product needs of its weights, kept across runs: the int8
+    forms side by side in the GEMM engine's form, each MATMUL's columns, int8 zero
+    point, column sums and nonzero weights per row, and A's uint8 -> int8 flip."""
+
+    def __init__(self, parts, gemm, a_dtype: np.dtype):
+        b8s = [_as_int8(raw, zb) for raw, zb in parts]
+        self.gemm, self.flip = gemm.name, 128 if a_dtype == np.uint8 else 0
+        cat = np.concatenate([b for b, _ in b8s], axis=1)
+        self.prepared = gemm.prepare(cat)
+        self.cols = np.cumsum([0] + [b.shape[1] for b, _ in b8s]).tolist()
+        self.zb8 = [zb8 for _, zb8 in b8s]
+        self.colsum = cat.sum(axis=0, dtype=np.int64)
+        self.cnt = [np.not_equal(raw, zb).sum(axis=1).astype(np.int64) for raw, zb in parts]
+
+
+class _SharedA:
+    """MATMULs that read the same A block (the same activation tile times successive
+    weight tiles, as a convolution's output-channel tiles do) with nothing writing A's
+    bytes between them, and whose B is, in every run, bytes of the constant segment: the
+    last write to B's span before each is one LOAD of constants covering it. Their
+    products A B_i are then known at the first of them, so A's im2col is made once and
+    one wide GEMM does the work of many narrow ones; each MATMUL still adds its part at
+    its own place in the program, so the accumulators see the same sequence of writes."""
+
+    def __init__(self, members: List[int], sources: List[Tuple[int, np.dtype, int, int, int]]):
+        self.members = members          # MATMUL indices, in program order
+        self.sources = sources          # per MATMUL: (constant byte offset, dtype, K, n, zero point)
+
+    def weights(self, const: np.ndarray, gemm, a_dtype: np.dtype) -> _SharedWeights:
+        parts = [(np.frombuffer(const, dt, k * n, off).reshape(k, n), zb) for off, dt, k, n, zb in self.sources]
+        return _SharedWeights(parts, gemm, a_dtype)
+
+    @staticmethod
+    def find(steps) -> Dict[int, "_SharedA"]:
+        """The groups of a plan's steps (two MATMULs or more each), by member index."""
+        open_: Dict[tuple, Tuple[int, int, List[int], list]] = {}   # A key -> (lo, hi, members, sources)
+        wgt: List[Tuple[int, int, Optional[int]]] = []             # WGT writes: (lo, hi, constant offset or None)
+        groups: Dict[int, _SharedA] = {}
+
+        def close(key):
+            _, _, members, sources = open_.pop(key)
+            if len(members) > 1:
+                g = _SharedA(members, sources)
+                groups.update((pc, g) for pc in members)
+
+        for fn, args in steps:
+            if fn is Machine._matmul:
+                pc, a_blk, planar, _, k, b, _, za, zb = args
+                src = _constant_b(b, wgt) if a_blk[1].itemsize == 1 else None
+                if src is not None:
+                    key = (a_blk, planar, za)
+                    if key not in open_:
+                        open_[key] = _span(a_blk) + ([], [])
+                    open_[key][2].append(pc)
+                    open_[key][3].append(src + (int(zb),))
+                continue
+            dst = _written(fn, args)
+            if dst is None:                 # a write we cannot place: nothing stays shared
+                for key in list(open_):
+                    close(key)
+                wgt.clear()
+                continue
+            if dst[0] == ACT:
+                lo, hi = _span(dst)
+                for key in [key for key, g in open_.items() if g[0] < hi and lo < g[1]]:
+                    close(key)
+            elif dst[0] == WGT:
+                src = args[0] if fn is Machine._copy else None
+                const = src is not None and src[0] == CONST and _dense(src) and _dense(dst)
+                wgt.append(_span(dst) + (src[2] if const else None,))
+        for key in list(open_):
+            close(key)
+        return groups
+
+
+def _constant_b(b, wgt) -> Optional[Tuple[int, np.dtype, int, int]]:
+    """(constant byte offset, dtype, K, n) of a dense one-byte B in WGT whose last writer
+    (in `wgt`, the WGT writes so far) is one LOAD of constants covering all of it; else None."""
+    if b[0] != WGT or b[1] != "dense" or b[2][1].itemsize != 1:
+        return None
+    lo, hi = _span(b[2])
+    for w_lo, w_hi, off in reversed(wgt):
+        if w_lo < hi and lo < w_hi:
+            if off is None or w_lo > lo or w_hi < hi:
+                return None
+            k, n = b[2][3]
+            return off + lo - w_lo, b[2][1], k, n
+    return None
+
+
+def _span(blk: Block) -> Tuple[int, int]:
+    """[lo, hi): the bytes of its memory that a block touches."""
+    _, npt, off, dims, strides = blk
+    lo = off + sum((d - 1) * st for d, st in zip(dims, strides) if st < 0 and d > 0)
+    hi = off + sum((d - 1) * st for d, st in zip(dims, strides) if st > 0 and d > 0) + npt.itemsize
+    return lo, hi
+
+
+def _dense(blk: Block) -> bool:
+    """Whether a block's elements are consecutive in row-major order (no gaps, no repeats)."""
+    expect = blk[1].itemsize
+    for d, st in zip(reversed(blk[3]), reversed(blk[4])):
+        if d == 1:
+            continue
+        if st != expect:
+            return False
+        expect *= d
+    return True
+
+
+def _written(fn, args) -> Optional[Block]:
+    """The block a step writes (the arena for HOST), or None for a step of unknown kind."""
+    at = _WRITES.get(fn)
+    if at is None:
+        return None
+    return (ARENA, np.dtype(np.uint8), 0, (1,), (1,)) if at < 0 else args[at]
+
+
 def _buf(buf: int, pc: int, what: str) -> int:
     if buf not in (Buf.ACT, Buf.WGT, Buf.ACC):
         raise SimulationError(f"instruction {pc} {what}: buffer {buf} (0: ACT_BUF, 1: WGT_BUF, 2: ACC_BUF)")
@@ -735,3 +920,6 @@ def _buf(buf: int, pc: int, what: str) -> int:
 _DECODE = {Op.LOAD: _Plan._load, Op.STORE: _Plan._store, Op.MATMUL: _Plan._matmul, Op.VFILL: _Plan._vfill,
            Op.VREQ: _Plan._vreq, Op.VADD: _Plan._vadd, Op.VMUL: _Plan._vmul, Op.VLUT: _Plan._vlut,
            Op.VPOOL: _Plan._vpool, Op.VDWCONV: _Plan._vdwconv, Op.HOST: _Plan._host}
+_WRITES = {Machine._copy: 1, Machine._vfill: 0, Machine._vreq: 2, Machine._vadd: 3, Machine._vmul: 3,
+           Machine._vlut: 2, Machine._vpool: 2, Machine._vdwconv: 2, Machine._matmul: 6, Machine._host: -1}
+"""Per handler, the index of the block it writes among its plan arguments (-1: the arena)."""
