@@ -185,14 +185,32 @@ def requantize_float(const fsrc_t[:, :, :] src, dst_t[:, :, :] dst, const double
         return
     cdef dst_t* tmp = NULL
     cdef dst_t* dp
+    cdef double* rt = NULL           # per-column multipliers repeated over a block of rows
+    # short contiguous rows (s1 = C) with multipliers per column: a block of rows is one run
+    cdef bint rows_run = s2 == 1 and s1 == C and C < 64 and per != 2 and r.shape[0] == 1 and (per == 0 or r1 == 1)
     if not cols_inner:
         tmp = <dst_t*>malloc(blk * C * sizeof(dst_t))
         if tmp == NULL:
             raise MemoryError()
+    if rows_run and per == 1:
+        rt = <double*>malloc(blk * C * sizeof(double))
+        if rt == NULL:
+            free(tmp)
+            raise MemoryError()
+        for i in range(blk):
+            for j in range(C):
+                rt[i * C + j] = r[0, j]
     with nogil:
         for a in range(S):
             pa = a if r.shape[0] > 1 else 0
-            if cols_inner:
+            if cols_inner and rows_run and d2 == 1 and d1 == C:
+                i0 = 0                  # source and destination rows both contiguous: blocks of rows
+                while i0 < R:
+                    i1 = i0 + blk if i0 + blk < R else R
+                    _rq_run(&src[a, i0, 0], 1, &dst[a, i0, 0], 1, rt if per == 1 else &r[0, 0], per,
+                            (i1 - i0) * C, x_zp, c, flo, fhi, fast)
+                    i0 = i1
+            elif cols_inner:
                 for i in range(R):
                     _rq_run(&src[a, i, 0], s2, &dst[a, i, 0], d2, &r[pa, i if per == 2 else 0],
                             r1 if per == 1 else 0, C, x_zp, c, flo, fhi, fast)
@@ -202,9 +220,13 @@ def requantize_float(const fsrc_t[:, :, :] src, dst_t[:, :, :] dst, const double
                 i0 = 0
                 while i0 < R:
                     i1 = i0 + blk if i0 + blk < R else R
-                    for i in range(i0, i1):
-                        _rq_run(&src[a, i, 0], 1, &tmp[(i - i0) * C], 1, &r[pa, 0], 1 if per == 1 else 0, C,
+                    if rows_run:        # the block's rows as one run
+                        _rq_run(&src[a, i0, 0], 1, tmp, 1, rt if per == 1 else &r[0, 0], per, (i1 - i0) * C,
                                 x_zp, c, flo, fhi, fast)
+                    else:
+                        for i in range(i0, i1):
+                            _rq_run(&src[a, i, 0], 1, &tmp[(i - i0) * C], 1, &r[pa, 0], 1 if per == 1 else 0, C,
+                                    x_zp, c, flo, fhi, fast)
                     if sizeof(dst_t) == 1 and d1 == 1 and d2 > 0:      # into channel planes: SIMD tiles
                         qc_transpose_bytes(<const uint8_t*>tmp, C, <uint8_t*>&dst[a, i0, 0], d2, i1 - i0, C)
                     else:
@@ -222,6 +244,7 @@ def requantize_float(const fsrc_t[:, :, :] src, dst_t[:, :, :] dst, const double
                                 r1 if per == 2 else 0, i1 - i0, x_zp, c, flo, fhi, fast)
                     i0 = i1
         free(tmp)
+        free(rt)
 
 
 cdef inline Py_ssize_t _run_width(Py_ssize_t ws, Py_ssize_t W, int sw) noexcept nogil:
@@ -475,6 +498,42 @@ def vadd(const uint8_t[:, :] a, const uint8_t[:, :] b, uint8_t[:, :] d, int code
     with nogil:
         for i in range(S):
             qc_vadd(code, &a[i * sa, 0], &b[i * sb, 0], &d[i, 0], n, a_zp, b_zp, ma, mb, r, c, lo, hi)
+
+
+cdef inline void _copy_run(uint8_t* d, const uint8_t* s, Py_ssize_t n) noexcept nogil:
+    """n bytes from s to d (apart): memcpy for long runs, 8-byte moves for short ones."""
+    cdef Py_ssize_t t = 0
+    if n >= 64:
+        memcpy(d, s, n)
+        return
+    while t + 8 <= n:
+        memcpy(d + t, s + t, 8)         # a fixed size: one move
+        t += 8
+    while t < n:
+        d[t] = s[t]
+        t += 1
+
+
+def copy_rows(const uint8_t[:, :, :, :] src, uint8_t[:, :, :, :] dst):
+    """dst[s, i, j, :] = src[s or 0, i, j, :]: a LOAD or STORE of a strided block whose
+    rows are contiguous in both memories (given as bytes; a source with one sample is
+    broadcast over the destination's), a row at a time, where numpy's strided copy takes
+    several steps per short row."""
+    cdef Py_ssize_t S = dst.shape[0], N0 = dst.shape[1], N1 = dst.shape[2], R = dst.shape[3]
+    cdef Py_ssize_t s, i, j, ss
+    cdef bint one = src.shape[0] == 1
+    if src.shape[0] not in (1, S) or src.shape[1] != N0 or src.shape[2] != N1 or src.shape[3] != R:
+        raise ValueError("copy_rows: source and destination do not match")
+    if R > 1 and (src.strides[3] != 1 or dst.strides[3] != 1):
+        raise ValueError("copy_rows: rows must be contiguous")
+    if R == 0:
+        return
+    with nogil:
+        for s in range(S):
+            ss = 0 if one else s
+            for i in range(N0):
+                for j in range(N1):
+                    _copy_run(&dst[s, i, j, 0], &src[ss, i, j, 0], R)
 
 
 def transpose_planes(const uint8_t[:, :, :] src, uint8_t[:, :, ::1] dst):

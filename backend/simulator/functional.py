@@ -102,6 +102,17 @@ class Machine:
                 self.mem[WGT] = np.repeat(self.mem[WGT], self.n, axis=0)
         self._view(dst)[...] = x
 
+    def _copy_rows(self, src: Block, dst: Block, into_wgt: bool):
+        """`_copy` of blocks whose rows are contiguous, given as byte blocks (`_Plan._rows`)."""
+        if into_wgt:
+            self._copy(src, dst, True)
+            return
+        x, d = self._view(src), self._view(dst)
+        if x.shape[0] in (1, d.shape[0]):
+            _kernels.copy_rows(x, d)
+        else:
+            d[...] = x
+
     def _matmul(self, pc: int, a_blk: Block, planar, m: int, k: int, b, acc_blk: Block, za: int, zb: int):
         group = self.plan.groups.get(pc)
         if group is not None:           # A shared with the next MATMULs: one product for all (_SharedA)
@@ -637,7 +648,20 @@ class _Plan:
         src = self.block(CONST if a["space"] == Space.CONST else ARENA, dtype, a["dram"], dims, s,
                          f"instruction {pc} LOAD source")
         dst = self.block(_buf(a["buf"], pc, "LOAD"), dtype, a["addr"], dims, t, f"instruction {pc} LOAD destination")
-        return Machine._copy, src, dst, a["buf"] == Buf.WGT and a["space"] != Space.CONST
+        return self._rows(src, dst, a["buf"] == Buf.WGT and a["space"] != Space.CONST)
+
+    @staticmethod
+    def _rows(src: Block, dst: Block, into_wgt: bool) -> tuple:
+        """A LOAD or STORE step: `Machine._copy_rows` over byte blocks when both blocks' rows
+        (innermost axis) are contiguous, else `Machine._copy`."""
+        isz, dims = src[1].itemsize, src[3]
+        if dims[2] > 1 and (src[4][2] != isz or dst[4][2] != isz) or 0 in dims:
+            return Machine._copy, src, dst, into_wgt
+        u8 = np.dtype(np.uint8)
+
+        def rows(b: Block) -> Block:
+            return b[0], u8, b[2], dims[:2] + (dims[2] * isz,), b[4][:2] + (1,)
+        return Machine._copy_rows, rows(src), rows(dst), into_wgt
 
     def _store(self, a, pc):
         if a["space"] != Space.ACT:
@@ -646,8 +670,8 @@ class _Plan:
         dims, s, t = (a["n0"], a["n1"], a["n2"]), (a["s0"], a["s1"], a["s2"]), (a["t0"], a["t1"], a["t2"])
         dtype = DType(a["dtype"])
         src = self.block(_buf(a["buf"], pc, "STORE"), dtype, a["addr"], dims, t, f"instruction {pc} STORE source")
-        return Machine._copy, src, self.block(ARENA, dtype, a["dram"], dims, s, f"instruction {pc} STORE destination"), \
-            False
+        return self._rows(src, self.block(ARENA, dtype, a["dram"], dims, s, f"instruction {pc} STORE destination"),
+                          False)
 
     def _matmul(self, a, pc):
         m0, m1, kd, n = a["m0"], a["m1"], (a["k0"], a["k1"], a["k2"]), a["n"]
@@ -860,7 +884,7 @@ class _SharedA:
                 for key in [key for key, g in open_.items() if g[0] < hi and lo < g[1]]:
                     close(key)
             elif dst[0] == WGT:
-                src = args[0] if fn is Machine._copy else None
+                src = args[0] if fn in (Machine._copy, Machine._copy_rows) else None
                 const = src is not None and src[0] == CONST and _dense(src) and _dense(dst)
                 wgt.append(_span(dst) + (src[2] if const else None,))
         for key in list(open_):
@@ -920,6 +944,6 @@ def _buf(buf: int, pc: int, what: str) -> int:
 _DECODE = {Op.LOAD: _Plan._load, Op.STORE: _Plan._store, Op.MATMUL: _Plan._matmul, Op.VFILL: _Plan._vfill,
            Op.VREQ: _Plan._vreq, Op.VADD: _Plan._vadd, Op.VMUL: _Plan._vmul, Op.VLUT: _Plan._vlut,
            Op.VPOOL: _Plan._vpool, Op.VDWCONV: _Plan._vdwconv, Op.HOST: _Plan._host}
-_WRITES = {Machine._copy: 1, Machine._vfill: 0, Machine._vreq: 2, Machine._vadd: 3, Machine._vmul: 3,
+_WRITES = {Machine._copy: 1, Machine._copy_rows: 1, Machine._vfill: 0, Machine._vreq: 2, Machine._vadd: 3, Machine._vmul: 3,
            Machine._vlut: 2, Machine._vpool: 2, Machine._vdwconv: 2, Machine._matmul: 6, Machine._host: -1}
 """Per handler, the index of the block it writes among its plan arguments (-1: the arena)."""
