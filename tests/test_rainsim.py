@@ -644,3 +644,30 @@ def test_shared_a_groups_break_at_writes_to_a_or_to_b():
     assert find(weights, matmul(1), other, into_a, matmul(4)) == []        # A rewritten in between
     assert find(weights, matmul(1), from_arena, matmul(3)) == []           # B per inference
     assert find(from_arena, matmul(1), weights, matmul(3)) == []           # the first B per inference
+
+
+def test_samples_run_in_chunks_with_the_same_outputs_and_report(monkeypatch):
+    """`simulate` runs the samples in chunks that fit `CHUNK_BYTES` (equal sizes: 5 samples
+    at 2 a chunk go as 2, 2, 1): outputs, operand-sparsity counts and the whole report
+    equal one run of all samples at once."""
+    from qcompile.backend import simulator
+
+    model = load(os.path.join(EXAMPLES, "digits_cnn.onnx"))
+    calib = np.load(os.path.join(EXAMPLES, "digits_calib.npz"))["input"]
+    model.annotations["calibration_data"] = [{"input": x} for x in calib[:16]]
+    int_model = qcompile.PassManager.parse("fold,calibrate{progress=false},quantize,lower-integer").run(model).model
+    target = TARGETS["tiny"]
+    prog = compile_program(int_model, target)
+    feeds = {"input": np.load(os.path.join(EXAMPLES, "digits_eval.npz"))["input"][:5]}
+    whole = simulate(prog, target, feeds)
+    per_sample = prog.arena_size + target.sram["activation"].size_bytes + target.sram["accumulator"].size_bytes
+    monkeypatch.setattr(simulator, "CHUNK_BYTES", 2 * per_sample)
+    assert simulator.chunk_size(prog, target, 5) == 2 and simulator.chunk_size(prog, target, 4) == 2
+    assert simulator.chunk_size(prog, target, 1) == 1
+    calls = []
+    real = simulator.Machine
+    monkeypatch.setattr(simulator, "Machine", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    chunked = simulate(prog, target, feeds)
+    assert calls == [2, 2, 1]
+    assert np.array_equal(whole.outputs["logits"], chunked.outputs["logits"])
+    assert whole.report == chunked.report and whole.report["total"]["energy_pj"]["total"] > 0

@@ -253,9 +253,10 @@ def test_reference_window_sums_equal_the_sliding_window_sums(data):
     assert got.dtype == x.dtype and np.array_equal(got, want)
 
 
-@pytest.mark.parametrize("rows,cols", [(16, 16), (70, 37), (64, 32), (15, 40), (33, 15)])
+@pytest.mark.parametrize("rows,cols", [(16, 16), (70, 37), (64, 32), (15, 40), (33, 15), (8, 16), (12, 40), (9, 17),
+                                       (24, 8)])
 def test_transposing_store_moves_every_byte(rows, cols):
-    """A transposing requantize into channel planes (SIMD 16 x 16 tiles and byte edges)
+    """A transposing requantize into channel planes (SIMD 16 x 16 and 8 x 16 tiles, byte edges)
     puts value (i, j) at plane j, pixel i: with r = 1 the store is a pure transposition."""
     rng = np.random.default_rng(rows * cols)
     x = rng.integers(-128, 128, (2, rows, cols)).astype(np.int32)
@@ -263,6 +264,17 @@ def test_transposing_store_moves_every_byte(rows, cols):
     dst = planes[:, :, :rows].transpose(0, 2, 1)
     _kernels.requantize_float(x, dst, np.ones((1, cols)), 1, 0, 0.5, -128, 127)
     assert np.array_equal(planes[:, :, :rows], x.transpose(0, 2, 1)) and not planes[:, :, rows:].any()
+
+
+@pytest.mark.parametrize("k,p", [(3, 50), (8, 100), (8, 15), (12, 40), (16, 16), (24, 33), (40, 70)])
+def test_transpose_planes_is_the_transpose(k, p):
+    """Channel planes made pixel-major (16 x 16 and 8 x 16 SIMD tiles, byte edges), planes
+    at a stride beyond their length: every byte lands at (pixel, channel)."""
+    rng = np.random.default_rng(k * p)
+    planes = rng.integers(0, 256, (2, k, p + 5)).astype(np.uint8)[:, :, :p]
+    out = np.empty((2, p, k), np.uint8)
+    _kernels.transpose_planes(planes, out)
+    assert np.array_equal(out, planes.transpose(0, 2, 1))
 
 
 @settings(max_examples=80, deadline=None)

@@ -54,37 +54,64 @@ def check_feeds(program: Program, feeds: Mapping[str, np.ndarray]) -> int:
     return n or 1
 
 
+CHUNK_BYTES = 128 << 20
+"""Memory of the samples simulated together (their arenas and buffers): more samples at a
+time share each instruction's dispatch, but past this their data no longer stays in the
+caches (vgg19, 7 MB a sample: 188 ms a sample in chunks of 32, 227 ms all 64 at once)."""
+
+
+def chunk_size(program: Program, target, n: int) -> int:
+    """Samples per chunk for `n` samples: within `CHUNK_BYTES`, chunks of equal size."""
+    per_sample = program.arena_size + target.sram["activation"].size_bytes + target.sram["accumulator"].size_bytes
+    chunks = -(-n // max(1, min(n, CHUNK_BYTES // max(1, per_sample))))
+    return -(-n // max(1, chunks))
+
+
 def simulate(program, target, feeds: Mapping[str, np.ndarray], timing: bool = True) -> SimResult:
-    """Run every sample of `feeds` through `program` on `target`. With `timing=False` only
-    the outputs are computed: no timeline, no report, no operand-sparsity counts."""
+    """Run every sample of `feeds` through `program` on `target`, in chunks of samples
+    (`chunk_size`). With `timing=False` only the outputs are computed: no timeline, no
+    report, no operand-sparsity counts."""
     if isinstance(program, str):
         program = load_program(program)
     program.check_target(target)
     n = check_feeds(program, feeds)
-    machine = Machine(program, target, n, count=timing)
-    for spec in program.inputs:
-        x = np.asarray(feeds[spec["name"]])
-        q = quantize_input(x, spec) if spec["float"] else x
-        program.tensor_array(machine.arena, spec["tensor"])[...] = q.reshape((n,) + tuple(
-            program.tensors[spec["tensor"]].shape))
-    instrs = program.instructions
-    machine.run(instrs)
+    step = chunk_size(program, target, n)
+    parts: Dict[str, list] = {spec["name"]: [] for spec in program.outputs}
+    counts: Dict[int, list] = {}
+    for start in range(0, n, step):
+        m = min(n, start + step) - start
+        machine = Machine(program, target, m, count=timing)
+        for spec in program.inputs:
+            x = np.asarray(feeds[spec["name"]][start:start + m])
+            q = quantize_input(x, spec) if spec["float"] else x
+            program.tensor_array(machine.arena, spec["tensor"])[...] = q.reshape((m,) + tuple(
+                program.tensors[spec["tensor"]].shape))
+        machine.run(program.instructions)
+        for spec in program.outputs:
+            parts[spec["name"]].append(program.tensor_array(machine.arena, spec["tensor"]).copy())
+        for pc, c in machine.counts.items():
+            total = counts.setdefault(pc, [0, 0, 0])
+            for i in range(3):
+                total[i] += c[i]
     outputs, raw = {}, {}
     for spec in program.outputs:
-        t = program.tensor_array(machine.arena, spec["tensor"]).copy()
+        t = parts[spec["name"]][0] if len(parts[spec["name"]]) == 1 else np.concatenate(parts[spec["name"]])
         raw[spec["name"]] = t
         y = dequantize_output(t, spec) if spec["float"] else t
         outputs[spec["name"]] = y.reshape((n,) + tuple(spec["shape"]))
     if not timing:
         return SimResult(outputs, raw, {}, None)
+    instrs = program.instructions
+    mac_pairs = {pc: c[0] / n for pc, c in counts.items()}           # per inference
+    act_nonzero = {pc: c[1] / c[2] if c[2] else 1.0 for pc, c in counts.items()}
     density = {}
-    for pc, pairs in machine.mac_pairs.items():
+    for pc, pairs in mac_pairs.items():
         from .timing import streamed_rows
 
         a = instrs[pc].args
         performed = a["m0"] * a["m1"] * streamed_rows(instrs[pc]) * a["n"]
         density[pc] = pairs / performed if performed else 1.0
     timeline = schedule(instrs, target, density)
-    measured = {"mac_pairs": machine.mac_pairs, "act_nonzero": machine.act_nonzero}
+    measured = {"mac_pairs": mac_pairs, "act_nonzero": act_nonzero}
     report = build_report(program, target, timeline, n, measured)
     return SimResult(outputs, raw, report, timeline)

@@ -556,12 +556,11 @@ def gather_rows(const uint8_t[:, :, :, :, :, :] a, uint8_t[:, ::1] out):
     operand made explicit, for a view whose innermost axis is contiguous (the channels
     of pixel-major planes, or single channels): runs of a.shape[5] bytes, or of
     a.shape[4] a.shape[5] bytes when the window's columns are adjacent too, where numpy
-    copies a few bytes per inner loop. Short runs are copied inline, long ones by memcpy."""
+    copies a few bytes per inner loop (`_copy_run`: 8-byte moves, memcpy for long runs)."""
     cdef Py_ssize_t S = a.shape[0], M0 = a.shape[1], M1 = a.shape[2], K0 = a.shape[3], K1 = a.shape[4]
     cdef Py_ssize_t K2 = a.shape[5]
-    cdef Py_ssize_t s, i, j, p, q, t, row = 0, run = K2, runs = K1
+    cdef Py_ssize_t s, i, j, p, q, row = 0, run = K2, runs = K1
     cdef uint8_t* d
-    cdef const uint8_t* src
     if (a.strides[5] != 1 and K2 > 1) or out.shape[0] != S * M0 * M1 or out.shape[1] != K0 * K1 * K2:
         raise ValueError("gather_rows: operand and output do not match")
     if K1 > 1 and a.strides[4] == K2:         # the window's columns follow each other: one run per row
@@ -575,12 +574,7 @@ def gather_rows(const uint8_t[:, :, :, :, :, :] a, uint8_t[:, ::1] out):
                     d = &out[row, 0]
                     for p in range(K0):
                         for q in range(runs):
-                            src = &a[s, i, j, p, q, 0]
-                            if run >= 32:
-                                memcpy(d, src, run)
-                            else:
-                                for t in range(run):
-                                    d[t] = src[t]
+                            _copy_run(d, &a[s, i, j, p, q, 0], run)
                             d += run
                     row += 1
 

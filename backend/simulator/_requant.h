@@ -189,6 +189,33 @@ static void qc_transpose_bytes(const uint8_t *s, ptrdiff_t ss, uint8_t *d, ptrdi
         for (j = j0; j < cols; j++)
             for (k = 0; k < 16; k++) d[j * ds + i0 + k] = s[(i0 + k) * ss + j];
     }
+    if (i0 + 8 <= rows) {                  /* eight rows left: 8 x 16 tiles, as above */
+        for (j0 = 0; j0 + 16 <= cols; j0 += 16) {
+            __m128i x[8], t[8];
+            for (k = 0; k < 8; k++) x[k] = _mm_loadu_si128((const __m128i *)(s + (i0 + k) * ss + j0));
+            for (k = 0; k < 4; k++) {      /* columns 0-7 and 8-15 of rows 2k, 2k+1 */
+                t[2 * k] = _mm_unpacklo_epi8(x[2 * k], x[2 * k + 1]);
+                t[2 * k + 1] = _mm_unpackhi_epi8(x[2 * k], x[2 * k + 1]);
+            }
+            for (k = 0; k < 2; k++) {      /* four-byte columns of rows 4k..4k+3 */
+                x[4 * k] = _mm_unpacklo_epi16(t[4 * k], t[4 * k + 2]);
+                x[4 * k + 1] = _mm_unpackhi_epi16(t[4 * k], t[4 * k + 2]);
+                x[4 * k + 2] = _mm_unpacklo_epi16(t[4 * k + 1], t[4 * k + 3]);
+                x[4 * k + 3] = _mm_unpackhi_epi16(t[4 * k + 1], t[4 * k + 3]);
+            }
+            for (k = 0; k < 4; k++) {      /* eight-byte columns 2k, 2k+1 (of 16) */
+                t[2 * k] = _mm_unpacklo_epi32(x[k], x[k + 4]);
+                t[2 * k + 1] = _mm_unpackhi_epi32(x[k], x[k + 4]);
+            }
+            for (k = 0; k < 8; k++) {      /* t[k] holds columns 2k and 2k+1 */
+                _mm_storel_epi64((__m128i *)(d + (j0 + 2 * k) * ds + i0), t[k]);
+                _mm_storel_epi64((__m128i *)(d + (j0 + 2 * k + 1) * ds + i0), _mm_srli_si128(t[k], 8));
+            }
+        }
+        for (j = j0; j < cols; j++)
+            for (k = 0; k < 8; k++) d[j * ds + i0 + k] = s[(i0 + k) * ss + j];
+        i0 += 8;
+    }
 #endif
     for (i = i0; i < rows; i++)
         for (j = 0; j < cols; j++) d[j * ds + i] = s[i * ss + j];

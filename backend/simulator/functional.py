@@ -71,8 +71,7 @@ class Machine:
         self.wgt_varies = False        # something per-inference was loaded into the weight buffer
         self.host = self.plan.host
         self.shared: dict = {}         # _SharedA leader index -> the group's product, until its last MATMUL
-        self.mac_pairs: dict = {}      # MATMUL index -> MACs with both operands nonzero, per inference
-        self.act_nonzero: dict = {}    # MATMUL index -> fraction of A operands that are nonzero
+        self.counts: dict = {}         # MATMUL index -> [MACs with both operands nonzero, nonzero A, A size], all runs
 
     def _grow(self, size) -> None:
         for buf in (ACT, WGT, ACC):
@@ -131,7 +130,7 @@ class Machine:
             if not self.count:
                 return
             col = np.not_equal(A, za).sum(axis=1)                                   # (S, K)
-            self._count(pc, int((col * np.not_equal(B, zb).sum(axis=2)).sum()), int(col.sum()), s, A.size)
+            self._count(pc, int((col * np.not_equal(B, zb).sum(axis=2)).sum()), int(col.sum()), A.size)
             return
         gemm = _gemm.engine()
         if cached is None or cached[3] != gemm.name:
@@ -168,7 +167,7 @@ class Machine:
             col = np.not_equal(a, za8).sum(axis=(0, 2) if a.ndim == 3 else 0, dtype=np.int64)
             pairs, nonzero = pairs + int(col @ cnt), nonzero + int(col.sum())
         if self.count:
-            self._count(pc, pairs, nonzero, s, s * m * k)
+            self._count(pc, pairs, nonzero, s * m * k)
 
     def _shared_matmul(self, pc: int, group: "_SharedA", a_blk: Block, planar, m: int, k: int, za: int,
                        acc_blk: Block):
@@ -187,8 +186,7 @@ class Machine:
         row = (-zb8 * sums).astype(np.int32) if zb8 else None
         _kernels.accumulate(self._view(acc_blk), res[:, c0:c1], corr, row)
         if col is not None:
-            s = res.shape[0] // m
-            self._count(pc, int(col @ w.cnt[i]), int(col.sum()), s, s * m * k)
+            self._count(pc, int(col @ w.cnt[i]), int(col.sum()), res.shape[0] * k)
         if i == len(group.members) - 1:
             del self.shared[group.members[0]]
 
@@ -265,9 +263,9 @@ class Machine:
         t = _pixels_first(self._view(region)[i:i + a.shape[0]])
         return np.ndarray(a.shape, a.dtype, t, 0, (t.strides[0],) + strides)
 
-    def _count(self, pc: int, pairs: int, nonzero: int, s: int, size: int):
-        self.mac_pairs[pc] = pairs / s
-        self.act_nonzero[pc] = nonzero / size if size else 1.0
+    def _count(self, pc: int, pairs: int, nonzero: int, size: int):
+        """A MATMUL's operand counts over this machine's samples (`simulate` adds up chunks)."""
+        self.counts[pc] = [pairs, nonzero, size]
 
     def _weights(self, b, zb: int) -> np.ndarray:
         """(Bw, K, n) int array of the B operand (decoded when packed or N:M-sparse)."""
