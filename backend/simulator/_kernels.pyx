@@ -36,6 +36,10 @@ cdef extern from "_requant.h" nogil:
     void qc_max_i8(int8_t* m, const int8_t* s, Py_ssize_t n)
     void qc_tap_u8(int32_t* acc, const uint8_t* s, Py_ssize_t n, int32_t zp, int32_t w)
     void qc_tap_i8(int32_t* acc, const int8_t* s, Py_ssize_t n, int32_t zp, int32_t w)
+    void qc_dwplane_u8(int32_t* out, const uint8_t* s, Py_ssize_t n, const Py_ssize_t* off, const int32_t* w,
+                       int taps, int32_t zp)
+    void qc_dwplane_i8(int32_t* out, const int8_t* s, Py_ssize_t n, const Py_ssize_t* off, const int32_t* w,
+                       int taps, int32_t zp)
     void qc_lut8(const uint8_t* s, uint8_t* d, const uint8_t* tbl, Py_ssize_t n, uint8_t flip)
     int qc_lut_level
     void qc_vadd(int code, const void* a, const void* b, void* d, Py_ssize_t n, double azp, double bzp, double ma,
@@ -297,20 +301,27 @@ def depthwise(const pix_t[:, :, :, :] src, const int8_t[:, :, :, :] wgt, int32_t
             (OH - 1) * sh + (KH - 1) * dh >= src.shape[2] or (OW - 1) * sw + (KW - 1) * dw >= src.shape[3]:
         raise ValueError("depthwise: windows, planes or weights do not match")
     cdef Py_ssize_t H = src.shape[2], W = src.shape[3], ws = src.strides[2] // <Py_ssize_t>sizeof(pix_t)
-    cdef Py_ssize_t pw, vrow, L, t
+    cdef Py_ssize_t pw, vrow, L, taps
     cdef int32_t* tmp
     cdef pix_t* phases = NULL
     cdef const pix_t* plane
+    cdef const pix_t* base
+    cdef Py_ssize_t* off = NULL
+    cdef int32_t* wk = NULL
     if src.strides[3] == sizeof(pix_t) and src.strides[2] % sizeof(pix_t) == 0 and ws >= W and OH * OW > 0:
-        # each tap one long run (`_tap_run`)
+        # all taps of a plane in one pass over one long run (`_tap_run`, `qc_dwplane_*`)
         pw = _run_width(ws, W, sw)
         vrow = sh * pw
         L = (OH - 1) * vrow + OW
         tmp = <int32_t*>malloc(L * sizeof(int32_t))
+        off = <Py_ssize_t*>malloc(KH * KW * sizeof(Py_ssize_t))
+        wk = <int32_t*>malloc(KH * KW * sizeof(int32_t))
         if sw > 1:
             phases = <pix_t*>malloc(sw * H * pw * sizeof(pix_t))
-        if tmp == NULL or (sw > 1 and phases == NULL):
+        if tmp == NULL or off == NULL or wk == NULL or (sw > 1 and phases == NULL):
             free(tmp)
+            free(off)
+            free(wk)
             free(phases)
             raise MemoryError()
         with nogil:
@@ -318,25 +329,30 @@ def depthwise(const pix_t[:, :, :, :] src, const int8_t[:, :, :, :] wgt, int32_t
                 wn = n if wgt.shape[0] > 1 else 0
                 for c in range(C):
                     plane = &src[n, c, 0, 0]
-                    if sw > 1:
-                        _column_phases(plane, ws, H, W, sw, pw, phases)
-                    for t in range(L):
-                        tmp[t] = 0
+                    base = phases if sw > 1 else plane
+                    taps = 0
                     for i in range(KH):
                         for j in range(KW):
                             w = wgt[wn, c, i, j]
-                            if w == 0:
-                                continue
-                            sp = _tap_run(plane, phases, ws, H, pw, sw, i * dh, j * dw)
-                            if pix_t is uint8_t:
-                                qc_tap_u8(tmp, sp, L, x_zp, w)                   # wraps modulo 2^32 (-fwrapv)
-                            else:
-                                qc_tap_i8(tmp, sp, L, x_zp, w)
+                            if w != 0:
+                                off[taps] = _tap_run(plane, phases, ws, H, pw, sw, i * dh, j * dw) - base
+                                wk[taps] = w
+                                taps += 1
+                    if taps == 0:
+                        continue
+                    if sw > 1:
+                        _column_phases(plane, ws, H, W, sw, pw, phases)
+                    if pix_t is uint8_t:
+                        qc_dwplane_u8(tmp, base, L, off, wk, taps, x_zp)             # wraps modulo 2^32 (-fwrapv)
+                    else:
+                        qc_dwplane_i8(tmp, base, L, off, wk, taps, x_zp)
                     for y in range(OH):
                         ap = &acc[n, c, y, 0]
                         for x in range(OW):
                             ap[x * ys] += tmp[y * vrow + x]
         free(tmp)
+        free(off)
+        free(wk)
         free(phases)
         return
     with nogil:
@@ -520,20 +536,24 @@ def copy_rows(const uint8_t[:, :, :, :] src, uint8_t[:, :, :, :] dst):
     broadcast over the destination's), a row at a time, where numpy's strided copy takes
     several steps per short row."""
     cdef Py_ssize_t S = dst.shape[0], N0 = dst.shape[1], N1 = dst.shape[2], R = dst.shape[3]
-    cdef Py_ssize_t s, i, j, ss
+    cdef Py_ssize_t s, i, j
     cdef bint one = src.shape[0] == 1
     if src.shape[0] not in (1, S) or src.shape[1] != N0 or src.shape[2] != N1 or src.shape[3] != R:
         raise ValueError("copy_rows: source and destination do not match")
     if R > 1 and (src.strides[3] != 1 or dst.strides[3] != 1):
         raise ValueError("copy_rows: rows must be contiguous")
-    if R == 0:
+    if R == 0 or S == 0 or N0 == 0 or N1 == 0:
         return
+    # strides in locals (see gather_rows)
+    cdef Py_ssize_t a0 = 0 if one else src.strides[0], a1 = src.strides[1], a2 = src.strides[2]
+    cdef Py_ssize_t b0 = dst.strides[0], b1 = dst.strides[1], b2 = dst.strides[2]
+    cdef const uint8_t* sp = &src[0, 0, 0, 0]
+    cdef uint8_t* dp = &dst[0, 0, 0, 0]
     with nogil:
         for s in range(S):
-            ss = 0 if one else s
             for i in range(N0):
                 for j in range(N1):
-                    _copy_run(&dst[s, i, j, 0], &src[ss, i, j, 0], R)
+                    _copy_run(dp + s * b0 + i * b1 + j * b2, sp + s * a0 + i * a1 + j * a2, R)
 
 
 def transpose_planes(const uint8_t[:, :, :] src, uint8_t[:, :, ::1] dst):
@@ -559,24 +579,31 @@ def gather_rows(const uint8_t[:, :, :, :, :, :] a, uint8_t[:, ::1] out):
     copies a few bytes per inner loop (`_copy_run`: 8-byte moves, memcpy for long runs)."""
     cdef Py_ssize_t S = a.shape[0], M0 = a.shape[1], M1 = a.shape[2], K0 = a.shape[3], K1 = a.shape[4]
     cdef Py_ssize_t K2 = a.shape[5]
-    cdef Py_ssize_t s, i, j, p, q, row = 0, run = K2, runs = K1
+    cdef Py_ssize_t s, i, j, p, q, run = K2, runs = K1
+    # strides and pointers in locals: the byte stores may alias anything in memory, the
+    # memoryviews' stride arrays included, which would be reloaded after every store
+    cdef Py_ssize_t t0 = a.strides[0], t1 = a.strides[1], t2 = a.strides[2], t3 = a.strides[3]
+    cdef Py_ssize_t t4 = a.strides[4]
     cdef uint8_t* d
+    cdef const uint8_t* base
+    cdef const uint8_t* px
     if (a.strides[5] != 1 and K2 > 1) or out.shape[0] != S * M0 * M1 or out.shape[1] != K0 * K1 * K2:
         raise ValueError("gather_rows: operand and output do not match")
     if K1 > 1 and a.strides[4] == K2:         # the window's columns follow each other: one run per row
         run, runs = K1 * K2, 1
-    if run == 0:
+    if run == 0 or out.shape[0] == 0:
         return
+    base = &a[0, 0, 0, 0, 0, 0]
+    d = &out[0, 0]
     with nogil:
         for s in range(S):
             for i in range(M0):
                 for j in range(M1):
-                    d = &out[row, 0]
+                    px = base + s * t0 + i * t1 + j * t2
                     for p in range(K0):
                         for q in range(runs):
-                            _copy_run(d, &a[s, i, j, p, q, 0], run)
+                            _copy_run(d, px + p * t3 + q * t4, run)
                             d += run
-                    row += 1
 
 
 def im2col_f32(const pix_t[:, :, :, :, :, :] a, float[:, ::1] out, int flip, int64_t[::1] rowsum=None):

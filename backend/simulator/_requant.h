@@ -338,3 +338,51 @@ static void qc_lut8(const uint8_t *s, uint8_t *d, const uint8_t *tbl, ptrdiff_t 
 #endif
     for (; t < n; t++) d[t] = tbl[s[t] ^ flip];
 }
+
+/* A depthwise plane in one pass: out[t] = sum_k (s[t + off[k]] - zp) w[k] for t < n, int32
+ * wrapping (-fwrapv), for 8-bit s: all taps of an output summed in registers, where one
+ * pass per tap (qc_tap_*) reads and writes the partial sums once per tap. With AVX2
+ * (checked at run time) eight outputs at a time, each tap a widening load and a multiply
+ * (sum x w - zp sum w, the same modulo 2^32), the last eight overlapping the ones before
+ * (outputs are assigned, so computing some twice changes nothing); runs under eight, and
+ * other CPUs, scalar. Only s[t + off[k]] for t < n is read. */
+#define QC_DWPLANE(NAME, SRC, WIDEN)                                                               \
+    QC_DWPLANE_AVX2(NAME, SRC, WIDEN)                                                               \
+    static void NAME(int32_t *restrict out, const SRC *restrict s, ptrdiff_t n,                    \
+                     const ptrdiff_t *off, const int32_t *w, int taps, int32_t zp) {                \
+        ptrdiff_t t = 0;                                                                            \
+        QC_DWPLANE_VECTOR(NAME)                                                                     \
+        for (; t < n; t++) {                                                                        \
+            int32_t a = 0;                                                                          \
+            for (int k = 0; k < taps; k++) a += ((int32_t)s[t + off[k]] - zp) * w[k];               \
+            out[t] = a;                                                                             \
+        }                                                                                           \
+    }
+#ifdef QC_AVX2
+#define QC_DWPLANE_AVX2(NAME, SRC, WIDEN)                                                          \
+    __attribute__((target("avx2"))) static ptrdiff_t NAME##_avx2(                                  \
+        int32_t *restrict out, const SRC *restrict s, ptrdiff_t n, const ptrdiff_t *off,            \
+        const int32_t *w, int taps, int32_t zp) {                                                   \
+        int32_t bias = 0;                                                                           \
+        ptrdiff_t t = 0;                                                                            \
+        for (int k = 0; k < taps; k++) bias -= zp * w[k];                                           \
+        __m256i vb = _mm256_set1_epi32(bias);                                                       \
+        for (; t + 8 <= n; t += 8) {                                                                \
+            __m256i a = vb;                                                                         \
+            for (int k = 0; k < taps; k++) {                                                        \
+                __m256i x = WIDEN(_mm_loadl_epi64((const __m128i *)(s + t + off[k])));              \
+                a = _mm256_add_epi32(a, _mm256_mullo_epi32(x, _mm256_set1_epi32(w[k])));            \
+            }                                                                                       \
+            _mm256_storeu_si256((__m256i *)(out + t), a);                                           \
+            if (t + 8 < n && t + 16 > n) t = n - 16;   /* the last eight overlap: no scalar tail */ \
+        }                                                                                           \
+        return t;                                                                                   \
+    }
+#define QC_DWPLANE_VECTOR(NAME) if (n >= 8 && qc_have_avx2()) t = NAME##_avx2(out, s, n, off, w, taps, zp);
+#else
+#define QC_DWPLANE_AVX2(NAME, SRC, WIDEN)
+#define QC_DWPLANE_VECTOR(NAME)
+#endif
+
+QC_DWPLANE(qc_dwplane_u8, uint8_t, _mm256_cvtepu8_epi32)
+QC_DWPLANE(qc_dwplane_i8, int8_t, _mm256_cvtepi8_epi32)
