@@ -310,12 +310,18 @@ def test_digits_example_bit_exact_on_every_target(target):
     assert all(l["unit"] != "host" for l in prog.layers)
 
 
+@pytest.mark.parametrize("gemm_bytes", [None, 4096])
 @pytest.mark.parametrize("engine", ["float32", "int_mm"])
-def test_both_gemm_engines_bit_exact_on_the_example(monkeypatch, engine):
+def test_both_gemm_engines_bit_exact_on_the_example(monkeypatch, engine, gemm_bytes):
     """The simulator's two exact GEMM engines (simulator/gemm.py) give the integer
-    reference's outputs; the tiny target splits every layer into many MATMULs."""
+    reference's outputs; the tiny target splits every layer into many MATMULs. With a
+    small GEMM budget every MATMUL goes a few samples at a time."""
     if engine == "int_mm":
         pytest.importorskip("torch")
+    from qcompile.backend.simulator import functional
+
+    if gemm_bytes:
+        monkeypatch.setattr(functional, "_GEMM_BYTES", gemm_bytes)
     monkeypatch.setenv("QCOMPILE_GEMM", engine)
     model = load(os.path.join(EXAMPLES, "digits_cnn.onnx"))
     calib = np.load(os.path.join(EXAMPLES, "digits_calib.npz"))["input"]
