@@ -34,8 +34,6 @@ cdef extern from "_requant.h" nogil:
                             Py_ssize_t cols)
     void qc_max_u8(uint8_t* m, const uint8_t* s, Py_ssize_t n)
     void qc_max_i8(int8_t* m, const int8_t* s, Py_ssize_t n)
-    void qc_tap_u8(int32_t* acc, const uint8_t* s, Py_ssize_t n, int32_t zp, int32_t w)
-    void qc_tap_i8(int32_t* acc, const int8_t* s, Py_ssize_t n, int32_t zp, int32_t w)
     void qc_dwplane_u8(int32_t* out, const uint8_t* s, Py_ssize_t n, const Py_ssize_t* off, const int32_t* w,
                        int taps, int32_t zp)
     void qc_dwplane_i8(int32_t* out, const int8_t* s, Py_ssize_t n, const Py_ssize_t* off, const int32_t* w,

@@ -1,4 +1,6 @@
-/* Runs of the simulator's float64 requantization, used by _kernels.pyx requantize_float:
+/* The SIMD inner loops of _kernels.pyx, each with a scalar fallback and its own comment:
+ * float64 requantization runs, byte transposes, max-pool taps, the fused VADD, byte
+ * lookups (VLUT) and depthwise planes. First, requantize_float's runs:
  * d[t] = clip(floor((s[t] - xzp) * r + c), lo, hi), the same float steps as the numpy
  * path (separate multiply and add, so the rounding is the same), with r one value
  * (rs = 0) or one per element (rs = 1). On x86-64 with AVX2 (checked at run time) four
@@ -221,35 +223,6 @@ static void qc_transpose_bytes(const uint8_t *s, ptrdiff_t ss, uint8_t *d, ptrdi
         for (j = 0; j < cols; j++) d[j * ds + i] = s[i * ss + j];
 }
 
-/* One depthwise tap over a run: acc[t] += (s[t] - zp) w, int32 wrapping (-fwrapv), for
- * 8-bit s. gcc vectorises the loop; the AVX2 copy (checked at run time) takes eight
- * values at a time, with the multiply SSE2 lacks. */
-#define QC_TAP(NAME, SRC)                                                                          \
-    static inline void NAME##_loop(int32_t *restrict acc, const SRC *restrict s, ptrdiff_t n,      \
-                                   int32_t zp, int32_t w) {                                         \
-        for (ptrdiff_t t = 0; t < n; t++) acc[t] += ((int32_t)s[t] - zp) * w;                       \
-    }                                                                                               \
-    QC_TAP_AVX2(NAME, SRC)                                                                          \
-    static void NAME(int32_t *acc, const SRC *s, ptrdiff_t n, int32_t zp, int32_t w) {              \
-        QC_TAP_VECTOR(NAME)                                                                         \
-        NAME##_loop(acc, s, n, zp, w);                                                              \
-    }
-#ifdef QC_AVX2
-#define QC_TAP_AVX2(NAME, SRC)                                                                     \
-    __attribute__((target("avx2"))) static void NAME##_avx2(int32_t *restrict acc,                  \
-                                                            const SRC *restrict s, ptrdiff_t n,     \
-                                                            int32_t zp, int32_t w) {                \
-        for (ptrdiff_t t = 0; t < n; t++) acc[t] += ((int32_t)s[t] - zp) * w;                       \
-    }
-#define QC_TAP_VECTOR(NAME) if (qc_have_avx2()) { NAME##_avx2(acc, s, n, zp, w); return; }
-#else
-#define QC_TAP_AVX2(NAME, SRC)
-#define QC_TAP_VECTOR(NAME)
-#endif
-
-QC_TAP(qc_tap_u8, uint8_t)
-QC_TAP(qc_tap_i8, int8_t)
-
 /* One max-pool tap over a run: m[t] = max(m[t], s[t]) for 8-bit values; vectorised by gcc
  * (the AVX2 copy, checked at run time, has the signed byte max that SSE2 lacks). */
 #define QC_MAX(NAME, T)                                                                            \
@@ -341,7 +314,7 @@ static void qc_lut8(const uint8_t *s, uint8_t *d, const uint8_t *tbl, ptrdiff_t 
 
 /* A depthwise plane in one pass: out[t] = sum_k (s[t + off[k]] - zp) w[k] for t < n, int32
  * wrapping (-fwrapv), for 8-bit s: all taps of an output summed in registers, where one
- * pass per tap (qc_tap_*) reads and writes the partial sums once per tap. With AVX2
+ * pass per tap would read and write the partial sums once per tap. With AVX2
  * (checked at run time) eight outputs at a time, each tap a widening load and a multiply
  * (sum x w - zp sum w, the same modulo 2^32), the last eight overlapping the ones before
  * (outputs are assigned, so computing some twice changes nothing); runs under eight, and
