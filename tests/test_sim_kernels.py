@@ -253,6 +253,42 @@ def test_reference_window_sums_equal_the_sliding_window_sums(data):
     assert got.dtype == x.dtype and np.array_equal(got, want)
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_requantize_plan_uses_the_float_kernel_where_the_values_allow(data):
+    """An int32 requantization whose shift is too large for the float form over the whole
+    int32 range (`_float_exact` fails for the type's bound) takes the float kernel when
+    the values' actual bound allows it, else the integer rule: equal to the rule either way."""
+    import types
+
+    from qcompile.backend.simulator.functional import _Requant, _float_exact
+
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
+    n, rows, cols = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 70)), data.draw(st.integers(1, 40))
+    per = data.draw(st.sampled_from([0, 1, 2]))
+    count = 1 if per == 0 else (cols if per == 1 else rows)
+    shape = (1, 1, 1) if per == 0 else ((1, 1, cols) if per == 1 else (1, rows, 1))
+    m = rng.integers(1 << 24, 1 << 31, count, dtype=np.int64).reshape(shape)
+    s = rng.integers(45, 47, count, dtype=np.int64).reshape(shape)
+    small = data.draw(st.booleans())
+    top = 1 << 19 if small else 1 << 31
+    x = rng.integers(-top, top, (n, rows, cols), dtype=np.int64).astype(np.int32)
+    x_zp = int(rng.integers(-3, 4))
+    d_dt = data.draw(st.sampled_from([np.int8, np.uint8]))
+    lo, hi = (-128, 127) if d_dt == np.int8 else (0, 255)
+    zp = int(rng.integers(lo, hi + 1))
+    if _float_exact(2 ** 31 + 3, m, s, zp, lo, hi):
+        return
+    rq = _Requant(np.dtype(d_dt), x, x_zp, 2 ** 31 + 3, m, s, zp, lo, hi)
+    assert rq.kind == "int"
+    actual = int(np.abs(x.astype(np.int64) - x_zp).max())
+    if small and s.max() == 45:
+        assert actual <= rq.float_upto                      # the float kernel runs
+    dst = np.zeros(x.shape, d_dt)
+    rq.apply(types.SimpleNamespace(scratch=np.empty(0)), dst, x)
+    assert np.array_equal(dst, requantize(x.astype(np.int64) - x_zp, m, s, zp, lo, hi).astype(d_dt))
+
+
 @pytest.mark.parametrize("rows,cols", [(16, 16), (70, 37), (64, 32), (15, 40), (33, 15), (8, 16), (12, 40), (9, 17),
                                        (24, 8)])
 def test_transposing_store_moves_every_byte(rows, cols):

@@ -437,15 +437,20 @@ class _Requant:
         self.x_zp, self.zp, self.lo, self.hi, self.m, self.s = x_zp, zp, lo, hi, m, s
         per = _per(m, s, x)
         flat = (lambda a: a.reshape(-1, 1)) if per == 0 else (lambda a: a.reshape(a.shape[0], -1))
+        self.float_upto = -1            # the "int" kind: the float kernel is exact while |x - x_zp| <= this
+        fused = per is not None and x.dtype in _FLOAT_KERNEL_TYPES and dtype in _KERNEL_TYPES
+        if fused or _float_exact(bound, m, s, zp, lo, hi):
+            r = np.ldexp(m.astype(np.float64), (-s).astype(np.int32))     # m * 2^-s, exact
         if not _float_exact(bound, m, s, zp, lo, hi):
             if per is not None and x.dtype in _KERNEL_TYPES and dtype in _KERNEL_TYPES and \
                     0 <= s.min(initial=0) and s.max(initial=0) < 63:
                 self.kind, self.args = "int", (flat(m), flat(s), per)       # the integer rule, one pass
+                if fused:               # the float kernel where the values' actual bound allows it
+                    self.float_upto, self.float_args = _float_bound(m, s, zp, lo, hi), (flat(r), per)
             else:
                 self.kind, self.args = "int64", ()
             return
-        r = np.ldexp(m.astype(np.float64), (-s).astype(np.int32))         # m * 2^-s, exact
-        if per is not None and x.dtype in _FLOAT_KERNEL_TYPES and dtype in _KERNEL_TYPES:
+        if fused:
             self.kind, self.args = "float", (flat(r), per)                  # the same float steps, one pass
         else:
             self.kind, self.args = "chunks", (r,)
@@ -456,7 +461,11 @@ class _Requant:
             _kernels.requantize_float(x, dst, self.args[0], self.args[1], x_zp, zp + 0.5, lo, hi)
             return
         if self.kind == "int":
-            _kernels.requantize(x, dst, *self.args, x_zp, zp, lo, hi)
+            if self.float_upto >= 0 and x.size and \
+                    max(abs(int(x.min()) - x_zp), abs(int(x.max()) - x_zp)) <= self.float_upto:
+                _kernels.requantize_float(x, dst, self.float_args[0], self.float_args[1], x_zp, zp + 0.5, lo, hi)
+            else:
+                _kernels.requantize(x, dst, *self.args, x_zp, zp, lo, hi)
             return
         if self.kind == "int64":
             dst[...] = requantize(np.asarray(x).astype(np.int64) - x_zp, self.m, self.s, zp, lo, hi).astype(dst.dtype)
@@ -516,19 +525,32 @@ def _bound(dtype: np.dtype, zp: int) -> int:
 
 def _float_exact(bound: int, m: np.ndarray, s: np.ndarray, zp: int, lo: int, hi: int) -> bool:
     """Whether clip(floor(fl(fl(a * r) + (zp + 1/2))), lo, hi) in float64, r = m * 2^-s,
-    equals requantize(a, m, s, zp, lo, hi) for every integer |a| <= bound. True when
-    bound < 2^53 (a is exact), 1 <= s <= 52, |m| < 2^31 (r is exact), (2|zp| + 1) 2^(s-1)
-    <= 2^52, and either bound |m| < 2^52 or T = 2^(52 - s) >= max(hi - zp, zp - lo).
+    equals requantize(a, m, s, zp, lo, hi) for every integer |a| <= bound. With
+    Z = (2|zp| + 1) 2^(s-1): true when bound < 2^53 (a is exact), 1 <= s <= 52, |m| < 2^31
+    (r is exact), and either (a) bound |m| + Z < 2^53, or (b) Z <= 2^52 and
+    T = 2^(52 - s) >= max(hi - zp, zp - lo).
     Proof, with P = a m (the exact result is clip(floor(P 2^-s + 1/2) + zp, lo, hi)):
-      |P| < 2^52: a r = P 2^-s is representable, so fl(a r) is exact, and so is adding
-        zp + 1/2 (the numerator P + (2 zp + 1) 2^(s-1) stays below 2^53): the floors agree;
-      |P| >= 2^52: |P 2^-s| >= T, rounding is monotonic and T, T + zp + 1/2 are
+      |P| + Z < 2^53 (always under (a); under (b) whenever |P| < 2^52): a r = P 2^-s is
+        representable, so fl(a r) is exact, and so is adding zp + 1/2 (the sum's numerator
+        P + (2 zp + 1) 2^(s-1) stays below 2^53): the floors agree;
+      (b) and |P| >= 2^52: |P 2^-s| >= T, rounding is monotonic and T, T + zp + 1/2 are
         representable, so both results are >= T + zp (or <= -T + zp) and saturate alike."""
     s_lo, s_hi = int(s.min(initial=1)), int(s.max(initial=1))
     m_max = int(np.abs(m).max(initial=0))
-    return (bound < 2 ** 53 and 1 <= s_lo and s_hi <= 52 and m_max < 2 ** 31
-            and (2 * abs(zp) + 1) * 2 ** (s_hi - 1) <= 2 ** 52
-            and (bound * m_max < 2 ** 52 or 2 ** (52 - s_hi) >= max(hi - zp, zp - lo)))
+    if not (bound < 2 ** 53 and 1 <= s_lo and s_hi <= 52 and m_max < 2 ** 31):
+        return False
+    z = (2 * abs(zp) + 1) * 2 ** (s_hi - 1)
+    return bound * m_max + z < 2 ** 53 or (z <= 2 ** 52 and 2 ** (52 - s_hi) >= max(hi - zp, zp - lo))
+
+
+def _float_bound(m: np.ndarray, s: np.ndarray, zp: int, lo: int, hi: int) -> int:
+    """The largest bound for which `_float_exact` holds by its case (a), or -1: an
+    accumulator's values are far inside int32, so the float form often holds for the
+    values at hand though not for every int32."""
+    m_max = max(1, int(np.abs(m).max(initial=1)))
+    z = (2 * abs(zp) + 1) * 2 ** (int(s.max(initial=1)) - 1)
+    upto = (2 ** 53 - 1 - z) // m_max
+    return upto if upto >= 0 and _float_exact(upto, m, s, zp, lo, hi) else -1
 
 
 def _per(m: np.ndarray, s: np.ndarray, x: np.ndarray) -> Optional[int]:
