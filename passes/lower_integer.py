@@ -19,8 +19,9 @@ QuantizeLinear that is the only reader of the op's output, or of a Relu/Clip tha
   6. DQ -> MaxPool|Flatten|Reshape|Transpose|Squeeze|Unsqueeze|Slice [-> Relu|Clip] -> Q  =>  the
      same op on the integer tensor, then a Requantize when the scale, zero point or
      bounds change.
-  7. DQ.. -> Concat -> Q                            =>  a Requantize per input whose scale
-     differs from the output's, then Concat.
+  7. DQ.. -> Concat [-> Relu|Clip] -> Q            =>  a Requantize per input whose scale
+     differs from the output's (every input when a Relu/Clip narrows the bounds: it
+     commutes with Concat), then Concat.
   8. DQ -> Relu|Clip -> Q                           =>  Requantize with narrowed bounds.
   8b. DQ -> ReduceMean|ReduceSum|ReduceMax [-> Relu|Clip] -> Q  =>  [Transpose, the reduced
      axes last], Reshape to [1 or the kept first axis, outer, 1, inner], a global QAveragePool (r = s_x / (s_y *
@@ -354,16 +355,17 @@ class LowerInteger(Pass):
         acts = [_act(v) for v in node.inputs]
         if any(a is None for a in acts):
             raise _Skip("inputs are not dequantized integers")
-        out = _out(g, node, fuse=False)
+        out = _out(g, node)     # through a Relu/Clip: elementwise, so it bounds each input's requantization
         ins = []
         extra = []
         for i, a in enumerate(acts):
-            same = np.float32(a.scale) == np.float32(out.scale) and a.zp == out.zp and a.q.type.dtype == out.dtype
+            same = np.float32(a.scale) == np.float32(out.scale) and a.zp == out.zp and a.q.type.dtype == out.dtype \
+                and out.lo == out.dtype.min and out.hi == out.dtype.max
             if same:
                 ins.append(a.q)
                 continue
-            full = _Out(out.q, out.scale, out.zp, out.dtype, out.dtype.min, out.dtype.max, [])
-            r = _requantize(g, a.q, a.scale, a.zp, full, f"{node.name}_in{i}", force=True)
+            bounded = _Out(out.q, out.scale, out.zp, out.dtype, out.lo, out.hi, [])
+            r = _requantize(g, a.q, a.scale, a.zp, bounded, f"{node.name}_in{i}", force=True)
             r.output.type = _retype(a.q, out.dtype, out.scale, out.zp)
             g.insert_before(out.q, r)
             extra.append(r)

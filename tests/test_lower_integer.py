@@ -225,6 +225,12 @@ def test_pooling_and_data_movement_within_one_lsb():
     b.nodes.append(helper.make_node("Concat", [a, c], ["cat"], axis=1))
     _compare("Concat+Requantize", b.finish("cat"), b.feeds, ["Concat", "Requantize", "Requantize"])
 
+    b = _Builder(rng)                       # a Relu after the Concat bounds each input (shufflenet)
+    a, _ = b.act_input("a", [2, 3, 4])
+    c, _ = b.act_input("c", [2, 5, 4])
+    b.nodes.append(helper.make_node("Concat", [a, c], ["cat"], axis=1))
+    _compare("Concat+Relu", b.finish("cat", "Relu"), b.feeds, ["Concat", "Requantize", "Requantize"])
+
 
 @pytest.mark.parametrize("op, axes, keepdims, act", [
     ("ReduceMean", [2, 3], 1, None),       # a global average pool

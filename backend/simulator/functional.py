@@ -64,9 +64,9 @@ class Machine:
                        target.sram["accumulator"].size_bytes // 4 * 4, len(program.const), program.arena_size)
         self.plan = _Plan.of(program, program.instructions, self.limits)
         self.arena = np.zeros((n, _round8(program.arena_size)), np.uint8)
-        self.mem = [np.zeros((n, 8), np.uint8), np.zeros((1, 8), np.uint8), np.zeros((n, 2), np.int32),
-                    self.plan.const, self.arena]
-        self._grow(self.plan.size)
+        size = self.plan.size
+        self.mem = [np.zeros((n, _round8(size[ACT])), np.uint8), np.zeros((1, _round8(size[WGT])), np.uint8),
+                    np.zeros((n, _round8(size[ACC]) // 4), np.int32), self.plan.const, self.arena]
         self.scratch = np.empty(0, np.float64)   # float work space of _requant
         self.wgt_varies = False        # something per-inference was loaded into the weight buffer
         self.host = self.plan.host
