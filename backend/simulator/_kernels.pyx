@@ -299,58 +299,75 @@ def depthwise(const pix_t[:, :, :, :] src, const int8_t[:, :, :, :] wgt, int32_t
             (OH - 1) * sh + (KH - 1) * dh >= src.shape[2] or (OW - 1) * sw + (KW - 1) * dw >= src.shape[3]:
         raise ValueError("depthwise: windows, planes or weights do not match")
     cdef Py_ssize_t H = src.shape[2], W = src.shape[3], ws = src.strides[2] // <Py_ssize_t>sizeof(pix_t)
-    cdef Py_ssize_t pw, vrow, L, taps
+    cdef Py_ssize_t pw, vrow, L, taps = KH * KW, t, wfill = -1
     cdef int32_t* tmp
     cdef pix_t* phases = NULL
     cdef const pix_t* plane
     cdef const pix_t* base
     cdef Py_ssize_t* off = NULL
     cdef int32_t* wk = NULL
-    if src.strides[3] == sizeof(pix_t) and src.strides[2] % sizeof(pix_t) == 0 and ws >= W and OH * OW > 0:
-        # all taps of a plane in one pass over one long run (`_tap_run`, `qc_dwplane_*`)
+    cdef char* live = NULL
+    # accumulator strides in locals (stores could alias the memoryview's)
+    cdef Py_ssize_t an = acc.strides[0] // 4, ac = acc.strides[1] // 4, ay = acc.strides[2] // 4
+    cdef int32_t* acc0
+    if src.strides[3] == sizeof(pix_t) and src.strides[2] % sizeof(pix_t) == 0 and ws >= W and OH * OW > 0 and \
+            N * C > 0 and taps > 0:
+        # all taps of a plane in one pass over one long run (`_tap_run`, `qc_dwplane_*`); the
+        # taps' offsets are the same for every plane, the weights are widened once
         pw = _run_width(ws, W, sw)
         vrow = sh * pw
         L = (OH - 1) * vrow + OW
         tmp = <int32_t*>malloc(L * sizeof(int32_t))
-        off = <Py_ssize_t*>malloc(KH * KW * sizeof(Py_ssize_t))
-        wk = <int32_t*>malloc(KH * KW * sizeof(int32_t))
+        off = <Py_ssize_t*>malloc(taps * sizeof(Py_ssize_t))
+        wk = <int32_t*>malloc(C * taps * sizeof(int32_t))
+        live = <char*>malloc(C)
         if sw > 1:
             phases = <pix_t*>malloc(sw * H * pw * sizeof(pix_t))
-        if tmp == NULL or off == NULL or wk == NULL or (sw > 1 and phases == NULL):
+        if tmp == NULL or off == NULL or wk == NULL or live == NULL or (sw > 1 and phases == NULL):
             free(tmp)
             free(off)
             free(wk)
+            free(live)
             free(phases)
             raise MemoryError()
+        acc0 = &acc[0, 0, 0, 0]
         with nogil:
+            plane = &src[0, 0, 0, 0]
+            base = phases if sw > 1 else plane
+            for i in range(KH):
+                for j in range(KW):
+                    off[i * KW + j] = _tap_run(plane, phases, ws, H, pw, sw, i * dh, j * dw) - base
             for n in range(N):
                 wn = n if wgt.shape[0] > 1 else 0
+                if wn != wfill:                  # int32 weights per channel; channels of zeros skipped
+                    for c in range(C):
+                        live[c] = 0
+                        for i in range(KH):
+                            for j in range(KW):
+                                w = wgt[wn, c, i, j]
+                                wk[c * taps + i * KW + j] = w
+                                if w != 0:
+                                    live[c] = 1
+                    wfill = wn
                 for c in range(C):
+                    if not live[c]:
+                        continue
                     plane = &src[n, c, 0, 0]
                     base = phases if sw > 1 else plane
-                    taps = 0
-                    for i in range(KH):
-                        for j in range(KW):
-                            w = wgt[wn, c, i, j]
-                            if w != 0:
-                                off[taps] = _tap_run(plane, phases, ws, H, pw, sw, i * dh, j * dw) - base
-                                wk[taps] = w
-                                taps += 1
-                    if taps == 0:
-                        continue
                     if sw > 1:
                         _column_phases(plane, ws, H, W, sw, pw, phases)
                     if pix_t is uint8_t:
-                        qc_dwplane_u8(tmp, base, L, off, wk, taps, x_zp)             # wraps modulo 2^32 (-fwrapv)
+                        qc_dwplane_u8(tmp, base, L, off, &wk[c * taps], taps, x_zp)   # wraps modulo 2^32 (-fwrapv)
                     else:
-                        qc_dwplane_i8(tmp, base, L, off, wk, taps, x_zp)
+                        qc_dwplane_i8(tmp, base, L, off, &wk[c * taps], taps, x_zp)
                     for y in range(OH):
-                        ap = &acc[n, c, y, 0]
+                        ap = acc0 + n * an + c * ac + y * ay
                         for x in range(OW):
                             ap[x * ys] += tmp[y * vrow + x]
         free(tmp)
         free(off)
         free(wk)
+        free(live)
         free(phases)
         return
     with nogil:
