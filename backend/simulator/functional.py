@@ -686,15 +686,21 @@ class _Plan:
     @staticmethod
     def _rows(src: Block, dst: Block, into_wgt: bool) -> tuple:
         """A LOAD or STORE step: `Machine._copy_rows` over byte blocks when both blocks' rows
-        (innermost axis) are contiguous, else `Machine._copy`."""
+        (innermost axis) are contiguous, else `Machine._copy`. Rows that follow each other
+        in both memories become one longer row (a channel's rows of a tile, say)."""
         isz, dims = src[1].itemsize, src[3]
         if dims[2] > 1 and (src[4][2] != isz or dst[4][2] != isz) or 0 in dims:
             return Machine._copy, src, dst, into_wgt
         u8 = np.dtype(np.uint8)
-
-        def rows(b: Block) -> Block:
-            return b[0], u8, b[2], dims[:2] + (dims[2] * isz,), b[4][:2] + (1,)
-        return Machine._copy_rows, rows(src), rows(dst), into_wgt
+        shape, st, dt = list(dims[:2]) + [dims[2] * isz], list(src[4][:2]), list(dst[4][:2])
+        for axis in (1, 0):                 # merge an axis into the row when both sides are dense
+            if st[axis] == dt[axis] == shape[2] and shape[axis] > 1:
+                shape[2] *= shape[axis]
+                shape[axis], st[axis], dt[axis] = 1, 0, 0
+            elif shape[axis] > 1:
+                break
+        return (Machine._copy_rows, (src[0], u8, src[2], tuple(shape), tuple(st) + (1,)),
+                (dst[0], u8, dst[2], tuple(shape), tuple(dt) + (1,)), into_wgt)
 
     def _store(self, a, pc):
         if a["space"] != Space.ACT:
@@ -804,16 +810,17 @@ class _Plan:
 
 
 def _planar(av: Block):
-    """For an A block that reads k2 channel planes through a window (each element about
-    k0 k1 times, as a convolution does): the block of the planes' span P as (k2, P), and
-    A's byte strides within that span made pixel-major (P, k2). None otherwise."""
+    """For an A block that reads k2 channel planes through a window (as a convolution does,
+    its span of the planes no larger than A itself, so transposing the span costs less
+    than the im2col it speeds up): the block of the planes' span P as (k2, P), and A's
+    byte strides within that span made pixel-major (P, k2). None otherwise."""
     mem, npt, off, dims, strides = av
     m0, m1, k0, k1, k2 = dims
     isz = npt.itemsize
     if min(strides) < 0 or k2 < 2 or k0 * k1 < 2 or strides[4] == 0:
         return None
     span = sum((d - 1) * st for d, st in zip(dims[:4], strides[:4])) // isz + 1
-    if 2 * span * k2 > m0 * m1 * k0 * k1 * k2:
+    if span * k2 > m0 * m1 * k0 * k1 * k2:         # (shufflenet's 3x3 / 2 stem reads its span 2.25 times)
         return None
     return (mem, npt, off, (k2, span), (strides[4], isz)), tuple(st * k2 for st in strides[:4]) + (isz,)
 
