@@ -289,6 +289,33 @@ def test_requantize_plan_uses_the_float_kernel_where_the_values_allow(data):
     assert np.array_equal(dst, requantize(x.astype(np.int64) - x_zp, m, s, zp, lo, hi).astype(d_dt))
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_byte_requantize_by_table_is_the_rounding_rule(data):
+    """Bytes to bytes with one multiplier (`_Requant`'s 256-entry table, VLUT's kernel):
+    dense blocks, and strided ones (the other kernels), equal the integer rule, casts that
+    wrap included."""
+    import types
+
+    from qcompile.backend.simulator.functional import _Requant
+
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
+    s_dt, d_dt = data.draw(st.sampled_from([np.int8, np.uint8])), data.draw(st.sampled_from([np.int8, np.uint8]))
+    n, rows, cols = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 9)), data.draw(st.integers(1, 90))
+    x = rng.integers(np.iinfo(s_dt).min, int(np.iinfo(s_dt).max) + 1, (n, rows, cols)).astype(s_dt)
+    if data.draw(st.booleans()):
+        x = np.repeat(x, 2, axis=2)[:, :, ::2]                      # rows apart: not dense
+    m = np.int64(rng.integers(1, 1 << 31))
+    sh = np.int64(rng.integers(0, 40))
+    x_zp, zp = int(rng.integers(-128, 128)), int(rng.integers(-128, 128))
+    lo, hi = (-300, 300) if data.draw(st.booleans()) else (int(np.iinfo(d_dt).min), int(np.iinfo(d_dt).max))
+    rq = _Requant(np.dtype(d_dt), x, x_zp, 255, m, sh, zp, lo, hi)
+    assert rq.table is not None
+    dst = np.zeros(x.shape, d_dt)
+    rq.apply(types.SimpleNamespace(scratch=np.empty(0)), dst, x)
+    assert np.array_equal(dst, requantize(x.astype(np.int64) - x_zp, m, sh, zp, lo, hi).astype(d_dt))
+
+
 @pytest.mark.parametrize("rows,cols", [(16, 16), (70, 37), (64, 32), (15, 40), (33, 15), (8, 16), (12, 40), (9, 17),
                                        (24, 8)])
 def test_transposing_store_moves_every_byte(rows, cols):

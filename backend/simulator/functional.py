@@ -428,13 +428,21 @@ class _Requant:
     in float64 where `_float_exact` proves it bit-identical to the integer rule (fused in
     `_kernels.requantize_float` when the types and multiplier layout allow, else a few
     samples at a time so the float work stays in cache), else by the integer rule
-    (`_kernels.requantize`, or int64 numpy)."""
+    (`_kernels.requantize`, or int64 numpy). Bytes to bytes with one multiplier go through
+    a 256-entry table of the integer rule (`_kernels.lut`) where the blocks are dense."""
 
     def __init__(self, dtype: np.dtype, x: np.ndarray, x_zp: int, bound: int, m, s, zp: int, lo: int, hi: int):
         m, s = np.asarray(m, np.int64), np.asarray(s, np.int64)
         info = np.iinfo(dtype)
         self.fits = info.min <= lo and hi <= info.max        # else the int32 result wraps in the cast
         self.x_zp, self.zp, self.lo, self.hi, self.m, self.s = x_zp, zp, lo, hi, m, s
+        self.table = None               # (1, 256) results by source byte (x - min(dtype)), as VLUT's tables
+        if x.dtype.itemsize == dtype.itemsize == 1 and x.dtype.kind in "iu" and dtype.kind in "iu" and \
+                m.size == 1 and s.size == 1 and 0 <= int(s.reshape(())) < 63:
+            src = np.iinfo(x.dtype)
+            v = np.arange(src.min, src.max + 1, dtype=np.int64)
+            self.table = requantize(v - x_zp, m.reshape(()), s.reshape(()), zp, lo, hi).astype(dtype).reshape(1, 256)
+            self.signed = x.dtype.kind == "i"
         per = _per(m, s, x)
         flat = (lambda a: a.reshape(-1, 1)) if per == 0 else (lambda a: a.reshape(a.shape[0], -1))
         self.float_upto = -1            # the "int" kind: the float kernel is exact while |x - x_zp| <= this
@@ -457,6 +465,12 @@ class _Requant:
 
     def apply(self, machine: "Machine", dst: np.ndarray, x: np.ndarray) -> None:
         x_zp, zp, lo, hi = self.x_zp, self.zp, self.lo, self.hi
+        if self.table is not None and x.ndim == 3 and _rows_dense(x) and _rows_dense(dst):
+            n = x.shape[1] * x.shape[2]
+            flat = np.lib.stride_tricks.as_strided
+            _kernels.lut(flat(x.view(np.uint8), (x.shape[0], n), (x.strides[0], 1)), self.table,
+                         flat(dst, (dst.shape[0], n), (dst.strides[0], 1)), self.signed, 1, max(1, n))
+            return
         if self.kind == "float":
             _kernels.requantize_float(x, dst, self.args[0], self.args[1], x_zp, zp + 0.5, lo, hi)
             return
@@ -488,6 +502,11 @@ class _Requant:
             np.floor(t, out=t)
             np.clip(t, lo, hi, out=t)
             dst[i:i + step] = t if self.fits else t.astype(np.int32).astype(dst.dtype)
+
+
+def _rows_dense(a: np.ndarray) -> bool:
+    """Whether an (S, rows, cols) array of bytes is, per sample, rows x cols consecutive bytes."""
+    return (a.shape[2] <= 1 or a.strides[2] == 1) and (a.shape[1] <= 1 or a.strides[1] == a.shape[2])
 
 
 def _tall_planes(x: np.ndarray, d: np.ndarray, win) -> Tuple[np.ndarray, np.ndarray]:
