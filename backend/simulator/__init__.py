@@ -54,10 +54,11 @@ def check_feeds(program: Program, feeds: Mapping[str, np.ndarray]) -> int:
     return n or 1
 
 
-CHUNK_BYTES = 128 << 20
+CHUNK_BYTES = 64 << 20
 """Memory of the samples simulated together (their arenas and buffers): more samples at a
 time share each instruction's dispatch, but past this their data no longer stays in the
-caches (vgg19, 7 MB a sample: 188 ms a sample in chunks of 32, 227 ms all 64 at once)."""
+caches (vgg19, 7 MB a sample: 182 ms a sample in chunks of 8, 227 ms all 64 at once;
+shufflenet, 1.3 MB: 9.9 ms in chunks of 32, 10.8 ms all at once)."""
 
 
 def chunk_size(program: Program, target, n: int) -> int:
