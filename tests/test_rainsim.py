@@ -677,3 +677,43 @@ def test_samples_run_in_chunks_with_the_same_outputs_and_report(monkeypatch):
     assert calls == [2, 2, 1]
     assert np.array_equal(whole.outputs["logits"], chunked.outputs["logits"])
     assert whole.report == chunked.report and whole.report["total"]["energy_pj"]["total"] > 0
+
+
+@pytest.mark.parametrize("engine", ["float32", "int_mm"])
+def test_bias_loads_fold_into_the_next_matmul(monkeypatch, engine):
+    """A LOAD that fills an accumulator tile with the bias row, followed by the MATMUL on
+    that tile, becomes one step: the MATMUL starts its sums from the row. Outputs equal
+    the integer reference and, with the report, a run without folding; a tile that
+    something reads in between is not folded."""
+    if engine == "int_mm":
+        pytest.importorskip("torch")
+    from qcompile.backend.simulator import functional
+    from qcompile.backend.simulator.functional import ACC, CONST, Machine, _fold_bias_loads
+
+    monkeypatch.setenv("QCOMPILE_GEMM", engine)
+    model = load(os.path.join(EXAMPLES, "digits_cnn.onnx"))
+    calib = np.load(os.path.join(EXAMPLES, "digits_calib.npz"))["input"]
+    model.annotations["calibration_data"] = [{"input": x} for x in calib[:16]]
+    int_model = qcompile.PassManager.parse("fold,calibrate{progress=false},quantize,lower-integer").run(model).model
+    feeds = {"input": np.load(os.path.join(EXAMPLES, "digits_eval.npz"))["input"][:6]}
+    prog, res = _check(int_model, feeds, "tiny")
+    plan = prog.__dict__["_rainsim_plan"]
+    assert len(plan.biases) >= 10 and sum(fn is Machine._folded for fn, _ in plan.steps) == len(plan.biases)
+    monkeypatch.setattr(functional, "_fold_bias_loads", lambda steps, const, reach=64: {})
+    prog2 = Program.from_bytes(prog.to_bytes())
+    res2 = simulate(prog2, TARGETS["tiny"], feeds)
+    assert not prog2.__dict__["_rainsim_plan"].biases
+    assert np.array_equal(res.raw_outputs["logits"], res2.raw_outputs["logits"]) and res.report == res2.report
+
+    i8, i32, u8 = np.dtype(np.int8), np.dtype(np.int32), np.dtype(np.uint8)
+    const = np.arange(64, dtype=np.int32).view(np.uint8)            # the bias row: 0, 1, 2, 3
+    load_bias = (Machine._copy_rows, ((CONST, u8, 0, (1, 4, 16), (0, 0, 1)), (ACC, u8, 0, (1, 4, 16), (0, 16, 1)),
+                                      False))
+    matmul = (Machine._matmul, (9, (0, i8, 0, (1, 4, 1, 1, 8), (32, 8, 0, 0, 1)), None, 4, 8, None,
+                                (ACC, i32, 0, (4, 4), (16, 4)), 0, 0))
+    reads_acc = (Machine._vreq, (5, (ACC, i32, 0, (4, 4), (16, 4)), (0, i8, 64, (4, 4), (4, 1)), None, 0, 1, 1, 0,
+                                 0, -128, 127))
+    steps = [load_bias, matmul]
+    assert list(_fold_bias_loads(steps, const)[9]) == [0, 1, 2, 3] and steps[0][0] is Machine._folded
+    steps = [load_bias, reads_acc, matmul]
+    assert _fold_bias_loads(steps, const) == {} and steps[0] is load_bias

@@ -39,6 +39,8 @@ cdef extern from "_requant.h" nogil:
     void qc_dwplane_i8(int32_t* out, const int8_t* s, Py_ssize_t n, const Py_ssize_t* off, const int32_t* w,
                        int taps, int32_t zp)
     void qc_lut8(const uint8_t* s, uint8_t* d, const uint8_t* tbl, Py_ssize_t n, uint8_t flip)
+    void qc_acc_i32(int32_t* a, const int32_t* r, const int32_t* col, int32_t extra, Py_ssize_t n, int assign)
+    void qc_acc_f32(int32_t* a, const float* r, const int32_t* col, int32_t extra, Py_ssize_t n, int assign)
     int qc_lut_level
     void qc_vadd(int code, const void* a, const void* b, void* d, Py_ssize_t n, double azp, double bzp, double ma,
                  double mb, double r, double c, double lo, double hi)
@@ -669,32 +671,32 @@ ctypedef fused prod_t:
 
 
 def accumulate(int32_t[:, :, :] acc, const prod_t[:, :] res, const int32_t[::1] col=None,
-               const int32_t[::1] row=None):
+               const int32_t[::1] row=None, bint assign=False):
     """acc[s, i, j] += res[s M + i, j] (int32, or an exact integer in float32) [+ col[j]]
     [+ row[s M + i]], modulo 2^32 as the int32 accumulator adds (-fwrapv): one pass where
     numpy's strided adds over short accumulator rows take one each. res's rows may be
-    apart (a column slice of a wider product)."""
+    apart (a column slice of a wider product). `assign`: acc = the sum instead (a MATMUL
+    whose bias LOAD was folded into col)."""
     cdef Py_ssize_t S = acc.shape[0], M = acc.shape[1], N = acc.shape[2]
-    cdef Py_ssize_t s, i, j, r
-    cdef int32_t extra
-    cdef int32_t* ap
-    cdef const prod_t* rp
+    cdef Py_ssize_t s, i, r
     cdef bint has_col = col is not None, has_row = row is not None
     if res.shape[0] != S * M or res.shape[1] != N or (has_col and col.shape[0] != N) or \
             (has_row and row.shape[0] != S * M):
         raise ValueError("accumulate: accumulator and product do not match")
     if acc.strides[2] != 4 or (N > 1 and res.strides[1] != sizeof(prod_t)):
         raise ValueError("accumulate: accumulator and product rows must be contiguous")
+    if S * M * N == 0:
+        return
+    # pointers and strides in locals (see gather_rows); the rows through _requant.h's qc_acc_*
+    cdef int32_t* a0 = &acc[0, 0, 0]
+    cdef const prod_t* r0 = &res[0, 0]
+    cdef const int32_t* cp = &col[0] if has_col else NULL
+    cdef Py_ssize_t as0 = acc.strides[0] // 4, as1 = acc.strides[1] // 4, rs = res.strides[0] // sizeof(prod_t)
     with nogil:
         for s in range(S):
             for i in range(M):
                 r = s * M + i
-                ap = &acc[s, i, 0]
-                rp = &res[r, 0]
-                extra = row[r] if has_row else 0
-                if has_col:
-                    for j in range(N):
-                        ap[j] += <int32_t>rp[j] + col[j] + extra
+                if prod_t is float:
+                    qc_acc_f32(a0 + s * as0 + i * as1, r0 + r * rs, cp, row[r] if has_row else 0, N, assign)
                 else:
-                    for j in range(N):
-                        ap[j] += <int32_t>rp[j] + extra
+                    qc_acc_i32(a0 + s * as0 + i * as1, r0 + r * rs, cp, row[r] if has_row else 0, N, assign)

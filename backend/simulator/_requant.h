@@ -359,3 +359,19 @@ static void qc_lut8(const uint8_t *s, uint8_t *d, const uint8_t *tbl, ptrdiff_t 
 
 QC_DWPLANE(qc_dwplane_u8, uint8_t, _mm256_cvtepu8_epi32)
 QC_DWPLANE(qc_dwplane_i8, int8_t, _mm256_cvtepi8_epi32)
+
+/* One accumulator row of a MATMUL: a[j] (+)= r[j] + col[j] + extra, int32 wrapping
+ * (-fwrapv), r the GEMM's int32 product or its exact float32 (`assign`: the row starts
+ * from the sum, a bias folded into col; else it adds to it). restrict lets gcc vectorise
+ * what it otherwise could not (the stores might alias the operands). */
+#define QC_ACC(NAME, T)                                                                            \
+    static void NAME(int32_t *restrict a, const T *restrict r, const int32_t *restrict col,         \
+                     int32_t extra, ptrdiff_t n, int assign) {                                      \
+        ptrdiff_t j;                                                                                \
+        if (col && assign) for (j = 0; j < n; j++) a[j] = (int32_t)r[j] + col[j] + extra;           \
+        else if (col) for (j = 0; j < n; j++) a[j] += (int32_t)r[j] + col[j] + extra;              \
+        else if (assign) for (j = 0; j < n; j++) a[j] = (int32_t)r[j] + extra;                     \
+        else for (j = 0; j < n; j++) a[j] += (int32_t)r[j] + extra;                                \
+    }
+QC_ACC(qc_acc_i32, int32_t)
+QC_ACC(qc_acc_f32, float)

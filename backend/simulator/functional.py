@@ -113,9 +113,10 @@ class Machine:
             d[...] = x
 
     def _matmul(self, pc: int, a_blk: Block, planar, m: int, k: int, b, acc_blk: Block, za: int, zb: int):
+        bias = self.plan.biases.get(pc)  # the accumulator starts from this row, not from what it held
         group = self.plan.groups.get(pc)
         if group is not None:           # A shared with the next MATMULs: one product for all (_SharedA)
-            self._shared_matmul(pc, group, a_blk, planar, m, k, za, acc_blk)
+            self._shared_matmul(pc, group, a_blk, planar, m, k, za, acc_blk, bias)
             return
         av = self._view(a_blk)          # (S, m0, m1, k0, k1, k2): A, an implicit im2col
         s = av.shape[0]
@@ -124,6 +125,8 @@ class Machine:
         B = cached[0] if cached is not None and cached[0] is not None else self._weights(b, zb)
         acc = self._view(acc_blk)
         if not (B.shape[0] == 1 and av.dtype.itemsize == 1 and B.dtype.itemsize == 1):
+            if bias is not None:        # the folded LOAD, done here
+                acc[...] = bias
             A = av.reshape(s, m, k)
             acc += np.rint(np.matmul(A.astype(np.float64) - za, B.astype(np.float64) - zb)
                            ).astype(np.int64).astype(np.int32)
@@ -142,7 +145,7 @@ class Machine:
         flip = 128 if av.dtype == np.uint8 else 0
         za8 = int(za) - flip
         corr = k * za8 * zb8 - za8 * colsum      # zero-point terms, added modulo 2^32 as the int32 accumulator
-        corr = corr.astype(np.int32) if np.any(corr) else None
+        corr = _column_terms(corr, bias)
         pairs = nonzero = 0
         channels = _channel_major(av)
         step = _samples_at_a_time(s, m, k, colsum.shape[0])
@@ -159,7 +162,7 @@ class Machine:
                 a, _ = _as_int8(self._im2col(av[i:i + step], planar, i, k), za)
                 sums = a.sum(axis=1, dtype=np.int64) if zb8 else None
             row = (-zb8 * sums).astype(np.int32) if zb8 else None
-            gemm.accumulate(ai, a, prepared, corr, row)
+            gemm.accumulate(ai, a, prepared, corr, row, bias is not None)
             if not self.count:
                 continue
             # MACs whose two operands are both nonzero (the others skip their energy): per column of A
@@ -170,10 +173,10 @@ class Machine:
             self._count(pc, pairs, nonzero, s * m * k)
 
     def _shared_matmul(self, pc: int, group: "_SharedA", a_blk: Block, planar, m: int, k: int, za: int,
-                       acc_blk: Block):
+                       acc_blk: Block, bias: Optional[np.ndarray]):
         """One MATMUL of a `_SharedA` group: the first computes A [B_1 | B_2 | ...] for all of
         the group at once (A's im2col made once, one wide GEMM); each adds its columns and
-        its zero-point terms to its accumulator."""
+        its zero-point terms to its accumulator (or starts it from them and `bias`)."""
         i = group.members.index(pc)
         if i == 0:
             self.shared[pc] = self._group_product(group, a_blk, planar, m, k, za)
@@ -181,10 +184,9 @@ class Machine:
         w = self.plan.cache[("shared", group.members[0])]
         c0, c1 = w.cols[i], w.cols[i + 1]
         zb8, za8 = w.zb8[i], int(za) - w.flip
-        corr = k * za8 * zb8 - za8 * w.colsum[c0:c1]      # added modulo 2^32, as the int32 accumulator
-        corr = corr.astype(np.int32) if np.any(corr) else None
+        corr = _column_terms(k * za8 * zb8 - za8 * w.colsum[c0:c1], bias)   # modulo 2^32, as the accumulator
         row = (-zb8 * sums).astype(np.int32) if zb8 else None
-        _kernels.accumulate(self._view(acc_blk), res[:, c0:c1], corr, row)
+        _kernels.accumulate(self._view(acc_blk), res[:, c0:c1], corr, row, bias is not None)
         if col is not None:
             self._count(pc, int(col @ w.cnt[i]), int(col.sum()), res.shape[0] * k)
         if i == len(group.members) - 1:
@@ -398,6 +400,9 @@ class Machine:
 
     def _host(self, index: int):
         self.host.run(index, self.arena)
+
+    def _folded(self):
+        """A LOAD whose bias the next MATMUL on its accumulator starts from (`_fold_bias_loads`)."""
 
 
 _GEMM_BYTES = 1 << 20
@@ -664,6 +669,7 @@ class _Plan:
         self.host = HostRunner(program)                         # its sessions serve every run
         self.steps = [(s[0], s[1:]) for s in (_DECODE[ins.op](self, ins.args, pc) for pc, ins in enumerate(instrs))]
         self.groups = _SharedA.find(self.steps)                 # MATMUL index -> its _SharedA group
+        self.biases = _fold_bias_loads(self.steps, self.const[0])  # MATMUL index -> the bias its LOAD set
 
     @classmethod
     def of(cls, program: Program, instrs: List[Instr], limits) -> "_Plan":
@@ -949,6 +955,58 @@ class _SharedA:
         for key in list(open_):
             close(key)
         return groups
+
+
+def _column_terms(corr: np.ndarray, bias: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """A MATMUL's per-column int32 terms (modulo 2^32): the zero-point terms, plus the bias
+    its accumulator starts from; None when there are none."""
+    if bias is not None:
+        return (corr + bias).astype(np.int32)
+    return corr.astype(np.int32) if np.any(corr) else None
+
+
+def _fold_bias_loads(steps, const: np.ndarray, reach: int = 64) -> Dict[int, np.ndarray]:
+    """Bias LOADs folded into the MATMUL after them: a LOAD of constants that fills an
+    accumulator tile with one row repeated, where the next step to touch those bytes
+    (within `reach` steps) is a MATMUL accumulating into exactly that tile. The MATMUL then
+    starts its sums from the row (`accumulate(..., assign=True)`), so the tile is written
+    once instead of written and then read back; the LOAD's step does nothing. Returns
+    {MATMUL index: the row, int32}."""
+    biases: Dict[int, np.ndarray] = {}
+    for i, (fn, args) in enumerate(steps):
+        if fn not in (Machine._copy, Machine._copy_rows) or args[0][0] != CONST or args[1][0] != ACC or \
+                not _dense(args[1]):
+            continue
+        lo, hi = _span(args[1])
+        for j in range(i + 1, min(len(steps), i + 1 + reach)):
+            fn2, args2 = steps[j]
+            if fn2 is Machine._matmul and _span(args2[6]) == (lo, hi) and _dense(args2[6]):
+                m, n = args2[6][3]
+                src = args[0]
+                data = np.ndarray(src[3], src[1], const, src[2], src[4]).reshape(-1).view(np.int32)
+                row = data[:n]
+                if data.size == m * n and np.array_equal(data.reshape(m, n), np.broadcast_to(row, (m, n))):
+                    biases[args2[0]] = row.copy()
+                    steps[i] = (Machine._folded, ())
+                break
+            if _touches(args2, ACC, lo, hi):
+                break
+    return biases
+
+
+def _touches(args, mem: int, lo: int, hi: int) -> bool:
+    """Whether any block among a step's arguments (nested ones included) overlaps bytes
+    [lo, hi) of memory `mem`; HOST steps touch only the arena."""
+    for x in args:
+        if isinstance(x, tuple):
+            if len(x) == 5 and isinstance(x[0], int) and isinstance(x[1], np.dtype):
+                if x[0] == mem:
+                    a, b = _span(x)
+                    if a < hi and lo < b:
+                        return True
+            elif _touches(x, mem, lo, hi):
+                return True
+    return False
 
 
 def _constant_b(b, wgt) -> Optional[Tuple[int, np.dtype, int, int]]:

@@ -64,15 +64,15 @@ class Float32Gemm:
         return out
 
     def accumulate(self, acc: np.ndarray, a: np.ndarray, b, col: Optional[np.ndarray] = None,
-                   row: Optional[np.ndarray] = None) -> None:
-        """acc (S, m, n) int32 += A B [+ col[j]] [+ row[r]], rows r of A (S m, K), or of
-        channel-major A (S, K, m) whose samples are A's transposes, in acc's order,
-        modulo 2^32."""
+                   row: Optional[np.ndarray] = None, assign: bool = False) -> None:
+        """acc (S, m, n) int32 += A B [+ col[j]] [+ row[r]] (`assign`: = instead), rows r of A
+        (S m, K), or of channel-major A (S, K, m) whose samples are A's transposes, in acc's
+        order, modulo 2^32."""
         k = a.shape[1]
         out = np.empty((acc.shape[0] * acc.shape[1], acc.shape[2]), np.float32)
         for k0 in range(0, max(k, 1), K_CHUNK):
             self.product(a, b, k0, min(k, k0 + K_CHUNK), out)
-            _kernels.accumulate(acc, out, col if k0 == 0 else None, row if k0 == 0 else None)
+            _kernels.accumulate(acc, out, col if k0 == 0 else None, row if k0 == 0 else None, assign and k0 == 0)
 
 
 class IntMmGemm:
@@ -91,9 +91,9 @@ class IntMmGemm:
         _torch._int_mm(_torch.from_numpy(a), b, out=_torch.from_numpy(out))
 
     def accumulate(self, acc: np.ndarray, a: np.ndarray, b, col: Optional[np.ndarray] = None,
-                   row: Optional[np.ndarray] = None) -> None:
+                   row: Optional[np.ndarray] = None, assign: bool = False) -> None:
         res = _torch._int_mm(_torch.from_numpy(a), b).numpy()
-        _kernels.accumulate(acc, res, col, row)      # one pass: product and zero-point terms
+        _kernels.accumulate(acc, res, col, row, assign)      # one pass: product and zero-point terms
 
 
 _ENGINE = None
