@@ -238,7 +238,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"Made by `python benchmarks/sim_speed.py{''.join(' ' + a for a in (sys.argv[1:] if argv is None else argv))}`"
         f" on {_cpu_name()} ({platform.machine()}, {os.cpu_count()} CPUs), one thread; {versions}.",
         "",
-        "rain-sim: `simulate(program, rain-sim, feeds, timing=False)`, all samples of a batch at once. "
+        "rain-sim: `simulate(program, rain-sim, feeds, timing=False)`, all samples of a batch in one call (run in chunks that fit CHUNK_BYTES). "
         "onnxruntime: the exported QDQ model, 1 intra-op thread, sequential execution. "
         f"CPU time of the process, best of up to {args.repeat} runs after a warm-up. "
         "Ratio = rain-sim / onnxruntime (goal: at most 2 at batch 64). \"(xB)\": the model has a fixed batch of 1, "
