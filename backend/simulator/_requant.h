@@ -158,6 +158,24 @@ static void qc_vadd(int code, const void *a, const void *b, void *d, ptrdiff_t n
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#if defined(__SSE2__)
+/* The first two steps of a byte transposition of `rows` (8 or 16) loaded rows x: column
+ * pairs of rows 2k, 2k+1 into t, then four-byte columns of rows 4k..4k+3 back into x. */
+static inline void qc_zip_bytes(__m128i *x, __m128i *t, int rows) {
+    int k;
+    for (k = 0; k < rows / 2; k++) {
+        t[2 * k] = _mm_unpacklo_epi8(x[2 * k], x[2 * k + 1]);
+        t[2 * k + 1] = _mm_unpackhi_epi8(x[2 * k], x[2 * k + 1]);
+    }
+    for (k = 0; k < rows / 4; k++) {
+        x[4 * k] = _mm_unpacklo_epi16(t[4 * k], t[4 * k + 2]);
+        x[4 * k + 1] = _mm_unpackhi_epi16(t[4 * k], t[4 * k + 2]);
+        x[4 * k + 2] = _mm_unpacklo_epi16(t[4 * k + 1], t[4 * k + 3]);
+        x[4 * k + 3] = _mm_unpackhi_epi16(t[4 * k + 1], t[4 * k + 3]);
+    }
+}
+#endif
+
 static void qc_transpose_bytes(const uint8_t *s, ptrdiff_t ss, uint8_t *d, ptrdiff_t ds, ptrdiff_t rows,
                                ptrdiff_t cols) {
     ptrdiff_t i0 = 0, j0, i, j, k;
@@ -166,16 +184,7 @@ static void qc_transpose_bytes(const uint8_t *s, ptrdiff_t ss, uint8_t *d, ptrdi
         for (j0 = 0; j0 + 16 <= cols; j0 += 16) {
             __m128i x[16], t[16];
             for (k = 0; k < 16; k++) x[k] = _mm_loadu_si128((const __m128i *)(s + (i0 + k) * ss + j0));
-            for (k = 0; k < 8; k++) {      /* column pairs of rows 2k, 2k+1 */
-                t[2 * k] = _mm_unpacklo_epi8(x[2 * k], x[2 * k + 1]);
-                t[2 * k + 1] = _mm_unpackhi_epi8(x[2 * k], x[2 * k + 1]);
-            }
-            for (k = 0; k < 4; k++) {      /* four-byte columns of rows 4k..4k+3 */
-                x[4 * k] = _mm_unpacklo_epi16(t[4 * k], t[4 * k + 2]);
-                x[4 * k + 1] = _mm_unpackhi_epi16(t[4 * k], t[4 * k + 2]);
-                x[4 * k + 2] = _mm_unpacklo_epi16(t[4 * k + 1], t[4 * k + 3]);
-                x[4 * k + 3] = _mm_unpackhi_epi16(t[4 * k + 1], t[4 * k + 3]);
-            }
+            qc_zip_bytes(x, t, 16);
             for (k = 0; k < 2; k++) {      /* eight-byte columns of rows 8k..8k+7 */
                 for (j = 0; j < 4; j++) {
                     t[8 * k + 2 * j] = _mm_unpacklo_epi32(x[8 * k + j], x[8 * k + 4 + j]);
@@ -195,16 +204,7 @@ static void qc_transpose_bytes(const uint8_t *s, ptrdiff_t ss, uint8_t *d, ptrdi
         for (j0 = 0; j0 + 16 <= cols; j0 += 16) {
             __m128i x[8], t[8];
             for (k = 0; k < 8; k++) x[k] = _mm_loadu_si128((const __m128i *)(s + (i0 + k) * ss + j0));
-            for (k = 0; k < 4; k++) {      /* columns 0-7 and 8-15 of rows 2k, 2k+1 */
-                t[2 * k] = _mm_unpacklo_epi8(x[2 * k], x[2 * k + 1]);
-                t[2 * k + 1] = _mm_unpackhi_epi8(x[2 * k], x[2 * k + 1]);
-            }
-            for (k = 0; k < 2; k++) {      /* four-byte columns of rows 4k..4k+3 */
-                x[4 * k] = _mm_unpacklo_epi16(t[4 * k], t[4 * k + 2]);
-                x[4 * k + 1] = _mm_unpackhi_epi16(t[4 * k], t[4 * k + 2]);
-                x[4 * k + 2] = _mm_unpacklo_epi16(t[4 * k + 1], t[4 * k + 3]);
-                x[4 * k + 3] = _mm_unpackhi_epi16(t[4 * k + 1], t[4 * k + 3]);
-            }
+            qc_zip_bytes(x, t, 8);
             for (k = 0; k < 4; k++) {      /* eight-byte columns 2k, 2k+1 (of 16) */
                 t[2 * k] = _mm_unpacklo_epi32(x[k], x[k + 4]);
                 t[2 * k + 1] = _mm_unpackhi_epi32(x[k], x[k + 4]);

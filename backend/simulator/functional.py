@@ -1,6 +1,7 @@
 """Functional simulation: executes a program's instructions bit-exactly.
 
-All inferences of a batch run together: every per-inference memory (the activation
+All inferences of a machine run together (`simulate` gives a machine as many samples
+as fit `CHUNK_BYTES`): every per-inference memory (the activation
 arena, the activation and accumulator buffers) has a leading sample axis, so one
 instruction is one vectorised numpy (or torch) operation over the whole batch. The
 weight buffer has one copy while it holds constants and gets a sample axis the first
@@ -12,7 +13,10 @@ the handler and its operands, every memory block resolved to a byte offset, shap
 byte strides and checked against its memory's true size, so running an instruction is
 one view per operand and the arithmetic. Malformed instructions are refused while the
 plan is made, with the same one-line errors. The SRAM arrays are only as large as the
-program uses (bounds are still checked against the target's sizes).
+program uses (bounds are still checked against the target's sizes). The plan also
+finds work that steps can share without changing any result: MATMULs over one
+activation tile with constant weights run as one wide GEMM (`_SharedA`), and a bias
+LOAD is folded into the MATMUL that accumulates onto it (`_fold_bias_loads`).
 
 Integer matrix work is exact: int8 x int8 products through `gemm.engine()` (torch._int_mm
 or K-chunked float32, whichever is faster on this CPU; int32 accumulation, the
@@ -22,7 +26,8 @@ loaded into the weight buffer, what a MATMUL reads from it is the same in every 
 so its decoded form and column sums are kept in the plan.
 
 Requantization is `qcompile.quant_math.requantize` (the integer reference's rule),
-computed in float64 where that is provably bit-identical (`_float_exact`), else in int64.
+computed in float64 where that is provably bit-identical (`_float_exact`), by a table
+for bytes to bytes, else in int64 (`_Requant`).
 """
 from __future__ import annotations
 
