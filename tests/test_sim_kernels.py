@@ -270,8 +270,7 @@ def test_requantize_plan_uses_the_float_kernel_where_the_values_allow(data):
     shape = (1, 1, 1) if per == 0 else ((1, 1, cols) if per == 1 else (1, rows, 1))
     m = rng.integers(1 << 24, 1 << 31, count, dtype=np.int64).reshape(shape)
     s = rng.integers(45, 47, count, dtype=np.int64).reshape(shape)
-    small = data.draw(st.booleans())
-    top = 1 << 19 if small else 1 << 31
+    top = 1 << 19 if data.draw(st.booleans()) else 1 << 31
     x = rng.integers(-top, top, (n, rows, cols), dtype=np.int64).astype(np.int32)
     x_zp = int(rng.integers(-3, 4))
     d_dt = data.draw(st.sampled_from([np.int8, np.uint8]))
@@ -282,8 +281,9 @@ def test_requantize_plan_uses_the_float_kernel_where_the_values_allow(data):
     rq = _Requant(np.dtype(d_dt), x, x_zp, 2 ** 31 + 3, m, s, zp, lo, hi)
     assert rq.kind == "int"
     actual = int(np.abs(x.astype(np.int64) - x_zp).max())
-    if small and s.max() == 45:
-        assert actual <= rq.float_upto                      # the float kernel runs
+    z = (2 * abs(zp) + 1) * 2 ** (int(s.max()) - 1)
+    if actual * int(np.abs(m).max()) + z < 2 ** 53:        # case (a) of _float_exact holds for these values
+        assert actual <= rq.float_upto                      # so the float kernel runs
     dst = np.zeros(x.shape, d_dt)
     rq.apply(types.SimpleNamespace(scratch=np.empty(0)), dst, x)
     assert np.array_equal(dst, requantize(x.astype(np.int64) - x_zp, m, s, zp, lo, hi).astype(d_dt))
