@@ -309,7 +309,9 @@ def test_byte_requantize_by_table_is_the_rounding_rule(data):
     sh = np.int64(rng.integers(0, 40))
     x_zp, zp = int(rng.integers(-128, 128)), int(rng.integers(-128, 128))
     lo, hi = (-300, 300) if data.draw(st.booleans()) else (int(np.iinfo(d_dt).min), int(np.iinfo(d_dt).max))
-    rq = _Requant(np.dtype(d_dt), x, x_zp, 255, m, sh, zp, lo, hi)
+    info = np.iinfo(s_dt)
+    bound = max(abs(int(info.min) - x_zp), abs(int(info.max) - x_zp))          # as the simulator's _bound
+    rq = _Requant(np.dtype(d_dt), x, x_zp, bound, m, sh, zp, lo, hi)
     assert rq.table is not None
     dst = np.zeros(x.shape, d_dt)
     rq.apply(types.SimpleNamespace(scratch=np.empty(0)), dst, x)
