@@ -13,7 +13,7 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 
 from ..program import Program, ProgramError, load_program
-from .functional import Machine, SimulationError, exact_matmul
+from .functional import Machine, SimulationError, equal_chunks, exact_matmul
 from .host import dequantize_output, quantize_input
 from .report import build_report, format_report
 from .timing import Timeline, schedule
@@ -64,8 +64,7 @@ shufflenet, 1.3 MB: 9.9 ms in chunks of 32, 10.8 ms all at once)."""
 def chunk_size(program: Program, target, n: int) -> int:
     """Samples per chunk for `n` samples: within `CHUNK_BYTES`, chunks of equal size."""
     per_sample = program.arena_size + target.sram["activation"].size_bytes + target.sram["accumulator"].size_bytes
-    chunks = -(-n // max(1, min(n, CHUNK_BYTES // max(1, per_sample))))
-    return -(-n // max(1, chunks))
+    return equal_chunks(n, per_sample, CHUNK_BYTES)
 
 
 def simulate(program, target, feeds: Mapping[str, np.ndarray], timing: bool = True) -> SimResult:

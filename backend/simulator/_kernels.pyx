@@ -301,7 +301,7 @@ def depthwise(const pix_t[:, :, :, :] src, const int8_t[:, :, :, :] wgt, int32_t
             (OH - 1) * sh + (KH - 1) * dh >= src.shape[2] or (OW - 1) * sw + (KW - 1) * dw >= src.shape[3]:
         raise ValueError("depthwise: windows, planes or weights do not match")
     cdef Py_ssize_t H = src.shape[2], W = src.shape[3], ws = src.strides[2] // <Py_ssize_t>sizeof(pix_t)
-    cdef Py_ssize_t pw, vrow, L, taps = KH * KW, t, wfill = -1
+    cdef Py_ssize_t pw, vrow, L, taps = KH * KW, wfill = -1
     cdef int32_t* tmp
     cdef pix_t* phases = NULL
     cdef const pix_t* plane

@@ -223,14 +223,12 @@ class Machine:
                         sums[rows] = a.sum(axis=1, dtype=np.float64).astype(np.int64).reshape(-1)
                 else:
                     a = self._im2col_f32(av[i:i + step], planar, i, k, w.flip, sums[rows] if sums is not None else None)
-                out = res[rows].reshape(-1, m, ncols)
-                out[...] = 0
-                gemm.accumulate(out, a, w.prepared)
+                gemm.accumulate(res[rows].reshape(-1, m, ncols), a, w.prepared, assign=True)
             else:
                 a, _ = _as_int8(self._im2col(av[i:i + step], planar, i, k), za)
                 if sums is not None:
                     sums[rows] = a.sum(axis=1, dtype=np.int64)
-                gemm.product(a, w.prepared, res[rows])
+                gemm.product_into(a, w.prepared, res[rows])
             if col is not None:
                 col += np.not_equal(a, za8).sum(axis=(0, 2) if a.ndim == 3 else 0, dtype=np.int64)
         return res, sums, col
@@ -415,12 +413,18 @@ _GEMM_BYTES = 1 << 20
 convolutions took 8 calls of 28 samples' rows each, and 20 us of overhead per call."""
 
 
+def equal_chunks(total: int, per_item: int, budget: int) -> int:
+    """Items per chunk when `total` items of `per_item` bytes go in chunks of at most
+    `budget` bytes (at least one item each), the chunks of equal size."""
+    fit = max(1, min(total, budget // max(1, per_item)))
+    chunks = -(-total // fit)
+    return -(-total // chunks)
+
+
 def _samples_at_a_time(s: int, m: int, k: int, n: int) -> int:
     """Samples whose GEMM goes at once: their im2col (m K bytes each) or int32 product (4 m n
-    bytes) within `_GEMM_BYTES`, so the work stays in cache, in chunks of equal size."""
-    fit = max(1, min(s, _GEMM_BYTES // max(1, m * max(k, 4 * n))))
-    chunks = -(-s // fit)
-    return -(-s // chunks)
+    bytes) within `_GEMM_BYTES`, so the work stays in cache."""
+    return equal_chunks(s, m * max(k, 4 * n), _GEMM_BYTES)
 
 
 def _pixels_first(planes: np.ndarray) -> np.ndarray:
@@ -457,9 +461,10 @@ class _Requant:
         flat = (lambda a: a.reshape(-1, 1)) if per == 0 else (lambda a: a.reshape(a.shape[0], -1))
         self.float_upto = -1            # the "int" kind: the float kernel is exact while |x - x_zp| <= this
         fused = per is not None and x.dtype in _FLOAT_KERNEL_TYPES and dtype in _KERNEL_TYPES
-        if fused or _float_exact(bound, m, s, zp, lo, hi):
+        exact = _float_exact(bound, m, s, zp, lo, hi)
+        if fused or exact:
             r = np.ldexp(m.astype(np.float64), (-s).astype(np.int32))     # m * 2^-s, exact
-        if not _float_exact(bound, m, s, zp, lo, hi):
+        if not exact:
             if per is not None and x.dtype in _KERNEL_TYPES and dtype in _KERNEL_TYPES and \
                     0 <= s.min(initial=0) and s.max(initial=0) < 63:
                 self.kind, self.args = "int", (flat(m), flat(s), per)       # the integer rule, one pass
@@ -1066,6 +1071,7 @@ def _buf(buf: int, pc: int, what: str) -> int:
 _DECODE = {Op.LOAD: _Plan._load, Op.STORE: _Plan._store, Op.MATMUL: _Plan._matmul, Op.VFILL: _Plan._vfill,
            Op.VREQ: _Plan._vreq, Op.VADD: _Plan._vadd, Op.VMUL: _Plan._vmul, Op.VLUT: _Plan._vlut,
            Op.VPOOL: _Plan._vpool, Op.VDWCONV: _Plan._vdwconv, Op.HOST: _Plan._host}
-_WRITES = {Machine._copy: 1, Machine._copy_rows: 1, Machine._vfill: 0, Machine._vreq: 2, Machine._vadd: 3, Machine._vmul: 3,
-           Machine._vlut: 2, Machine._vpool: 2, Machine._vdwconv: 2, Machine._matmul: 6, Machine._host: -1}
+_WRITES = {Machine._copy: 1, Machine._copy_rows: 1, Machine._vfill: 0, Machine._vreq: 2, Machine._vadd: 3,
+           Machine._vmul: 3, Machine._vlut: 2, Machine._vpool: 2, Machine._vdwconv: 2, Machine._matmul: 6,
+           Machine._host: -1}
 """Per handler, the index of the block it writes among its plan arguments (-1: the arena)."""

@@ -86,8 +86,8 @@ class IntMmGemm:
         which later loads overwrite)."""
         return _torch.from_numpy(np.array(b8, np.int8, order="C", copy=True))
 
-    def product(self, a: np.ndarray, b, out: np.ndarray) -> None:
-        """out (rows, n) int32, contiguous = A B."""
+    def product_into(self, a: np.ndarray, b, out: np.ndarray) -> None:
+        """out (rows, n) int32, contiguous = A B (no accumulator pass: `_SharedA`'s products)."""
         _torch._int_mm(_torch.from_numpy(a), b, out=_torch.from_numpy(out))
 
     def accumulate(self, acc: np.ndarray, a: np.ndarray, b, col: Optional[np.ndarray] = None,
