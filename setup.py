@@ -33,7 +33,7 @@ EXTENSIONS = [
     Extension("qcompile.backend.lowering._weights", ["backend/lowering/_weights.pyx"]),
     Extension("qcompile.backend.lowering._tiling", ["backend/lowering/_tiling.pyx"]),
     Extension("qcompile.backend.simulator._kernels", ["backend/simulator/_kernels.pyx"],
-              depends=["backend/simulator/_requant.h"],
+              depends=["backend/simulator/_requant.h", "backend/simulator/_madd.h"],
               extra_compile_args=["-O3", "-fwrapv"]),
 ]
 

@@ -311,7 +311,7 @@ def test_digits_example_bit_exact_on_every_target(target):
 
 
 @pytest.mark.parametrize("gemm_bytes", [None, 4096])
-@pytest.mark.parametrize("engine", ["float32", "int_mm"])
+@pytest.mark.parametrize("engine", ["float32", "int_mm", "direct"])
 def test_both_gemm_engines_bit_exact_on_the_example(monkeypatch, engine, gemm_bytes):
     """The simulator's two exact GEMM engines (simulator/gemm.py) give the integer
     reference's outputs; the tiny target splits every layer into many MATMULs. With a
@@ -591,7 +591,7 @@ def test_report_text_has_shapes_energy_components_and_sparsity_per_layer():
 
 
 # -- MATMULs sharing their A operand ---------------------------------------------------------
-@pytest.mark.parametrize("engine", ["float32", "int_mm"])
+@pytest.mark.parametrize("engine", ["float32", "int_mm", "direct"])
 def test_matmuls_sharing_a_tile_run_as_one_product(monkeypatch, engine):
     """A convolution with more output channels than the array has columns becomes one
     MATMUL per channel tile over the same input tile: the simulator groups them
@@ -679,7 +679,31 @@ def test_samples_run_in_chunks_with_the_same_outputs_and_report(monkeypatch):
     assert whole.report == chunked.report and whole.report["total"]["energy_pj"]["total"] > 0
 
 
-@pytest.mark.parametrize("engine", ["float32", "int_mm"])
+def test_direct_kernel_runs_small_matmuls_with_the_engines_results(monkeypatch):
+    """MATMULs with constant weights that the direct kernel takes (forced, and as chosen
+    by size: digits' convolutions and classifier) give the integer reference's outputs
+    and the same report, operand-sparsity counts included, as the float32 engine."""
+    from qcompile.backend.simulator import functional
+
+    model = load(os.path.join(EXAMPLES, "digits_cnn.onnx"))
+    calib = np.load(os.path.join(EXAMPLES, "digits_calib.npz"))["input"]
+    model.annotations["calibration_data"] = [{"input": x} for x in calib[:16]]
+    int_model = qcompile.PassManager.parse("fold,calibrate{progress=false},quantize,lower-integer").run(model).model
+    feeds = {"input": np.load(os.path.join(EXAMPLES, "digits_eval.npz"))["input"][:7]}
+    monkeypatch.setenv("QCOMPILE_GEMM", "float32")
+    _, engine = _check(int_model, feeds, "rain-sim")
+    monkeypatch.setenv("QCOMPILE_GEMM", "direct")
+    prog, direct = _check(int_model, feeds, "rain-sim")
+    taken = [v[1] for k, v in prog.__dict__["_rainsim_plan"].cache.items() if k[0] == "direct"]
+    assert len(taken) == 3 and all(t is not None for t in taken)
+    assert np.array_equal(engine.raw_outputs["logits"], direct.raw_outputs["logits"])
+    assert engine.report == direct.report
+    assert functional._direct_pays(None, "off", 1, 1, 1) is False
+    assert functional._direct_pays(None, "on", 10 ** 6, 4096, 4096) is True
+    assert functional._direct_weights(np.array([[-128, 127]], np.int8), 200) is None   # -128 - 200 < -255
+
+
+@pytest.mark.parametrize("engine", ["float32", "int_mm", "direct"])
 def test_bias_loads_fold_into_the_next_matmul(monkeypatch, engine):
     """A LOAD that fills an accumulator tile with the bias row, followed by the MATMUL on
     that tile, becomes one step: the MATMUL starts its sums from the row. Outputs equal

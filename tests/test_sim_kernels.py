@@ -188,8 +188,61 @@ def test_gemm_engine_choice_is_checked(monkeypatch):
     from qcompile.backend.simulator import gemm
 
     monkeypatch.setenv("QCOMPILE_GEMM", "fp16")
-    with pytest.raises(ValueError, match="QCOMPILE_GEMM='fp16': choose one of int_mm, float32"):
+    with pytest.raises(ValueError, match="QCOMPILE_GEMM='fp16': choose one of int_mm, float32, direct"):
         gemm.engine()
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.data())
+def test_direct_madd_kernel_is_the_exact_product(data):
+    """madd_gemm over a random (S, m0, m1, k0, k1, k2) view (overlapping windows, contiguous
+    or strided runs, int8 or uint8, any zero points, odd K, n across vector and block
+    edges) equals the int64 sum of centred products wrapped to int32, added to the
+    accumulator or starting from the bias row, with A's nonzero counts per K index, in
+    both the AVX2 and the scalar loop."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
+    dims = [data.draw(st.integers(1, 3)) for _ in range(3)] + [data.draw(st.integers(1, 4)) for _ in range(2)] + \
+        [data.draw(st.integers(1, 40))]
+    contiguous = data.draw(st.booleans())
+    inner = 1 if contiguous else data.draw(st.integers(2, 5))
+    strides = [data.draw(st.integers(0, 3)) * dims[5] * inner + data.draw(st.integers(0, 2)) for _ in range(5)] + \
+        [inner]
+    signed = data.draw(st.booleans())
+    dt = np.int8 if signed else np.uint8
+    base = rng.integers(0, 256, sum((d - 1) * s for d, s in zip(dims, strides)) + 1).astype(np.uint8)
+    a = np.ndarray(tuple(dims), dt, base, 0, tuple(strides))
+    info = np.iinfo(dt)
+    za = data.draw(st.integers(int(info.min), int(info.max)))
+    k, n = dims[3] * dims[4] * dims[5], data.draw(st.integers(1, 70))
+    b = rng.integers(-128, 128, (k, n))
+    zb = data.draw(st.integers(-127, 127))
+    b = np.clip(b, zb - 255, zb + 255)
+    want = (a.reshape(-1, k).astype(np.int64) - za) @ (b - zb)
+    acc0 = rng.integers(-2 ** 31, 2 ** 31, (dims[0], dims[1] * dims[2], n), dtype=np.int64).astype(np.int32)
+    col = rng.integers(-2 ** 31, 2 ** 31, n, dtype=np.int64).astype(np.int32) if data.draw(st.booleans()) else None
+    assign = data.draw(st.booleans())
+    start = (np.zeros_like(acc0, np.int64) if assign else acc0.astype(np.int64)) + (0 if col is None else col)
+    expected = (start + want.reshape(acc0.shape)).astype(np.int32)      # int64 -> int32 wraps as the hardware
+    w = _kernels.madd_pack((b - zb).astype(np.int16))
+    for level in (1, 0):
+        old = _kernels.set_madd_level(level)
+        try:
+            acc = acc0.copy()
+            counts = np.zeros(k, np.int64)
+            _kernels.madd_gemm(a.view(np.uint8), signed, za, w, n, acc, col, assign, counts)
+        finally:
+            _kernels.set_madd_level(old)
+        assert np.array_equal(acc, expected)
+        assert np.array_equal(counts, (a.reshape(-1, k) != za).sum(axis=0))
+
+
+def test_direct_madd_kernel_refuses_mismatched_operands():
+    a = np.zeros((1, 2, 2, 1, 1, 3), np.uint8)
+    w = _kernels.madd_pack(np.zeros((3, 5), np.int16))
+    with pytest.raises(ValueError, match="madd_gemm: operand, weights and accumulator do not match"):
+        _kernels.madd_gemm(a, False, 0, w, 5, np.zeros((1, 4, 6), np.int32))
+    with pytest.raises(ValueError, match="madd_gemm: accumulator rows must be contiguous"):
+        _kernels.madd_gemm(a, False, 0, w, 5, np.zeros((1, 4, 10), np.int32)[:, :, ::2])
 
 
 @settings(max_examples=150, deadline=None)

@@ -45,6 +45,17 @@ cdef extern from "_requant.h" nogil:
     void qc_vadd(int code, const void* a, const void* b, void* d, Py_ssize_t n, double azp, double bzp, double ma,
                  double mb, double r, double c, double lo, double hi)
 
+cdef extern from "_madd.h" nogil:
+    ctypedef struct qc_rows_t:
+        const uint8_t* base
+        Py_ssize_t S, m0, m1, ss, s0, s1, o0, o1, run, t0, t1, rs
+        int is_signed, za
+    void qc_madd(const qc_rows_t* g, const int16_t* w, Py_ssize_t kp, Py_ssize_t n, int32_t* acc, Py_ssize_t as_,
+                 Py_ssize_t ar, const int32_t* col, int assign, int64_t* count, int16_t* row, int32_t* sums,
+                 Py_ssize_t* off)
+    int qc_madd_level
+    int qc_madd_simd()
+
 ctypedef fused src_t:
     int8_t
     uint8_t
@@ -700,3 +711,85 @@ def accumulate(int32_t[:, :, :] acc, const prod_t[:, :] res, const int32_t[::1] 
                     qc_acc_f32(a0 + s * as0 + i * as1, r0 + r * rs, cp, row[r] if has_row else 0, N, assign)
                 else:
                     qc_acc_i32(a0 + s * as0 + i * as1, r0 + r * rs, cp, row[r] if has_row else 0, N, assign)
+
+
+def madd_pack(const int16_t[:, :] centred):
+    """Centred weights b - zb (K, n), each within [-255, 255], in the layout of `madd_gemm`
+    (_madd.h): K in pairs and n in vectors of 8 columns, zero-padded: (ceil(K/2), ceil(n/8) 16)."""
+    k, n = centred.shape[0], centred.shape[1]
+    kp, nv = (k + 1) // 2, (n + 7) // 8
+    w = np.zeros((2 * kp, 8 * nv), np.int16)
+    w[:k, :n] = centred
+    return np.ascontiguousarray(w.reshape(kp, 2, nv, 8).transpose(0, 2, 3, 1)).reshape(kp, 16 * nv)
+
+
+def madd_simd():
+    """Whether `madd_gemm` runs its AVX2 loop here (else its scalar loop, much slower)."""
+    return bool(qc_madd_simd())
+
+
+def madd_gemm(const uint8_t[:, :, :, :, :, :] a, bint signed, int za, const int16_t[:, ::1] w, Py_ssize_t n,
+              int32_t[:, :, :] acc, const int32_t[::1] col=None, bint assign=False, int64_t[::1] counts=None):
+    """acc[s, i M1 + j, c] = (assign ? col[c] : acc + col[c]) + sum over k = (p, q, r) of
+    (a[s, i, j, p, q, r] - za) (b[k, c] - zb), modulo 2^32: a MATMUL straight from its
+    implicit im2col view `a` (bytes, int8 when `signed`) and `w = madd_pack(b - zb)`, every
+    centred value within [-255, 255] (the caller checks). With `counts`, also adds each K
+    index's nonzero centred operands over all rows (the energy model's A counts)."""
+    cdef Py_ssize_t S = a.shape[0], M0 = a.shape[1], M1 = a.shape[2], K0 = a.shape[3], K1 = a.shape[4]
+    cdef Py_ssize_t K2 = a.shape[5], k = K0 * K1 * K2
+    cdef qc_rows_t g
+    cdef int16_t* row
+    cdef int32_t* sums
+    cdef Py_ssize_t* off
+    if acc.shape[0] != S or acc.shape[1] != M0 * M1 or acc.shape[2] != n or w.shape[0] != (k + 1) // 2 or \
+            w.shape[1] != (n + 7) // 8 * 16 or (col is not None and col.shape[0] != n) or \
+            (counts is not None and counts.shape[0] != k):
+        raise ValueError("madd_gemm: operand, weights and accumulator do not match")
+    if n > 1 and acc.strides[2] != 4:
+        raise ValueError("madd_gemm: accumulator rows must be contiguous")
+    if S * M0 * M1 * n == 0:
+        return
+    if k == 0:
+        accumulate(acc, np.zeros((S * M0 * M1, n), np.int32), col, None, assign)
+        return
+    g.base = &a[0, 0, 0, 0, 0, 0]
+    g.S, g.m0, g.m1, g.ss, g.s0, g.s1 = S, M0, M1, a.strides[0], a.strides[1], a.strides[2]
+    # K = (p, q, r) as o0 x o1 runs: single-element axes dropped, adjacent axes merged
+    g.o0, g.o1, g.run, g.t0, g.t1, g.rs = K0, K1, K2, a.strides[3], a.strides[4], a.strides[5]
+    if g.run == 1:
+        g.run, g.rs, g.o1, g.t1 = g.o1, g.t1, 1, 0
+    if g.run == 1:
+        g.run, g.rs, g.o0, g.t0 = g.o0, g.t0, 1, 0
+    if g.o1 == 1:
+        g.o1, g.t1, g.o0, g.t0 = g.o0, g.t0, 1, 0
+    if g.rs == 1 and g.t1 == g.run:
+        g.run, g.o1, g.t1 = g.run * g.o1, 1, 0
+    if g.rs == 1 and g.o1 == 1 and g.t0 == g.run:
+        g.run, g.o0, g.t0 = g.run * g.o0, 1, 0
+    g.is_signed, g.za = signed, za
+    row = <int16_t*>malloc((w.shape[0] * 2 + 16) * sizeof(int16_t))
+    sums = <int32_t*>malloc((n + 32) * sizeof(int32_t))
+    off = <Py_ssize_t*>malloc(g.o0 * g.o1 * sizeof(Py_ssize_t))
+    if row == NULL or sums == NULL or off == NULL:
+        free(row)
+        free(sums)
+        free(off)
+        raise MemoryError()
+    try:
+        with nogil:
+            qc_madd(&g, &w[0, 0], w.shape[0], n, &acc[0, 0, 0], acc.strides[0] // 4, acc.strides[1] // 4,
+                    &col[0] if col is not None else NULL, assign, &counts[0] if counts is not None else NULL, row,
+                    sums, off)
+    finally:
+        free(row)
+        free(sums)
+        free(off)
+
+
+def set_madd_level(int level):
+    """Force `madd_gemm`'s scalar loop (0) or allow AVX2 (1, the default); returns the old
+    level (tests compare both)."""
+    global qc_madd_level
+    old = qc_madd_level
+    qc_madd_level = level
+    return old

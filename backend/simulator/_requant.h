@@ -7,6 +7,8 @@
  * values go at a time through AVX2 intrinsics; elsewhere, and for the tail, a scalar
  * loop. The caller guarantees [lo, hi] lies inside DST's range, so packing with
  * saturation changes nothing. */
+#ifndef QC_REQUANT_H
+#define QC_REQUANT_H
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -375,3 +377,5 @@ QC_DWPLANE(qc_dwplane_i8, int8_t, _mm256_cvtepi8_epi32)
     }
 QC_ACC(qc_acc_i32, int32_t)
 QC_ACC(qc_acc_f32, float)
+
+#endif  /* QC_REQUANT_H */

@@ -13,6 +13,12 @@ Two exact ways, picked per process by speed (their results are identical):
 
 `engine()` times both once on a small problem and keeps the faster; the environment
 variable QCOMPILE_GEMM=int_mm or float32 forces one (tests run both).
+
+Small products with constant weights skip both where that is faster: the functional
+simulator's direct kernel (`_kernels.madd_gemm`, chosen by `functional._direct_pays`)
+gathers A's rows from their view and multiplies int16 pairs. QCOMPILE_GEMM=direct
+forces it wherever it applies (the float32 engine elsewhere); naming another engine
+turns it off.
 """
 from __future__ import annotations
 
@@ -29,10 +35,11 @@ try:  # optional: without torch, numpy's float32 GEMM does the work
 except ImportError:  # pragma: no cover - exercised by the torch-less CI step
     _torch = None
 
-__all__ = ["engine", "ENGINES", "K_CHUNK", "Float32Gemm", "IntMmGemm"]
+__all__ = ["engine", "direct_mode", "ENGINES", "K_CHUNK", "Float32Gemm", "IntMmGemm"]
 
 K_CHUNK = 1024                     # 1024 * 2^14 = 2^24: float32 sums of a chunk are exact
 ENGINES = ("int_mm", "float32")
+DIRECT = "direct"                  # QCOMPILE_GEMM's third choice (module doc)
 
 
 class Float32Gemm:
@@ -102,11 +109,11 @@ _ENGINE = None
 def engine():
     """The GEMM engine of this process: forced by QCOMPILE_GEMM, else the faster one here."""
     global _ENGINE
-    choice = os.environ.get("QCOMPILE_GEMM", "").strip().lower()
+    choice = _choice()
+    if choice == DIRECT:
+        choice = "float32"
     if _ENGINE is not None and (not choice or _ENGINE.name == choice):
         return _ENGINE
-    if choice and choice not in ENGINES:
-        raise ValueError(f"QCOMPILE_GEMM={choice!r}: choose one of {', '.join(ENGINES)}")
     if choice == "int_mm" and not _has_int_mm():
         raise ValueError("QCOMPILE_GEMM=int_mm needs torch with torch._int_mm")
     if choice:
@@ -114,6 +121,19 @@ def engine():
     else:
         _ENGINE = IntMmGemm() if _has_int_mm() and _int_mm_faster() else Float32Gemm()
     return _ENGINE
+
+
+def direct_mode() -> str:
+    """"on" (QCOMPILE_GEMM=direct), "off" (another engine forced) or "auto" (by size)."""
+    choice = _choice()
+    return "auto" if not choice else "on" if choice == DIRECT else "off"
+
+
+def _choice() -> str:
+    choice = os.environ.get("QCOMPILE_GEMM", "").strip().lower()
+    if choice and choice not in ENGINES + (DIRECT,):
+        raise ValueError(f"QCOMPILE_GEMM={choice!r}: choose one of {', '.join(ENGINES + (DIRECT,))}")
+    return choice
 
 
 def _has_int_mm() -> bool:
