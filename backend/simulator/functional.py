@@ -117,6 +117,11 @@ class Machine:
         else:
             d[...] = x
 
+    def _copy_run(self, src: int, s0: int, dst: int, d0: int, n: int):
+        """`_copy` of one run of `n` bytes in each sample (`_Plan._rows`): a slice assignment,
+        constants broadcast to every sample."""
+        self.mem[dst].view(np.uint8)[:, d0:d0 + n] = self.mem[src].view(np.uint8)[:, s0:s0 + n]
+
     def _matmul(self, pc: int, a_blk: Block, planar, m: int, k: int, b, acc_blk: Block, za: int, zb: int):
         bias = self.plan.biases.get(pc)  # the accumulator starts from this row, not from what it held
         group = self.plan.groups.get(pc)
@@ -795,6 +800,8 @@ class _Plan:
                 shape[axis], st[axis], dt[axis] = 1, 0, 0
             elif shape[axis] > 1:
                 break
+        if shape[0] == shape[1] == 1 and not into_wgt:     # one run of bytes: a slice assignment
+            return Machine._copy_run, src[0], src[2], dst[0], dst[2], shape[2]
         return (Machine._copy_rows, (src[0], u8, src[2], tuple(shape), tuple(st) + (1,)),
                 (dst[0], u8, dst[2], tuple(shape), tuple(dt) + (1,)), into_wgt)
 
