@@ -118,8 +118,8 @@ class Machine:
             d[...] = x
 
     def _copy_run(self, src: int, s0: int, dst: int, d0: int, n: int):
-        """`_copy` of one run of `n` bytes in each sample (`_Plan._rows`): a slice assignment,
-        constants broadcast to every sample."""
+        """`_copy` of one run of `n` bytes in each sample (`_single_run`): a slice
+        assignment, constants broadcast to every sample."""
         self.mem[dst].view(np.uint8)[:, d0:d0 + n] = self.mem[src].view(np.uint8)[:, s0:s0 + n]
 
     def _matmul(self, pc: int, a_blk: Block, planar, m: int, k: int, b, acc_blk: Block, za: int, zb: int):
@@ -746,6 +746,7 @@ class _Plan:
         self.steps = [(s[0], s[1:]) for s in (_DECODE[ins.op](self, ins.args, pc) for pc, ins in enumerate(instrs))]
         self.groups = _SharedA.find(self.steps)                 # MATMUL index -> its _SharedA group
         self.biases = _fold_bias_loads(self.steps, self.const[0])  # MATMUL index -> the bias its LOAD set
+        self.steps = [_single_run(step) for step in self.steps]   # last: the analyses above read blocks
 
     @classmethod
     def of(cls, program: Program, instrs: List[Instr], limits) -> "_Plan":
@@ -800,8 +801,6 @@ class _Plan:
                 shape[axis], st[axis], dt[axis] = 1, 0, 0
             elif shape[axis] > 1:
                 break
-        if shape[0] == shape[1] == 1 and not into_wgt:     # one run of bytes: a slice assignment
-            return Machine._copy_run, src[0], src[2], dst[0], dst[2], shape[2]
         return (Machine._copy_rows, (src[0], u8, src[2], tuple(shape), tuple(st) + (1,)),
                 (dst[0], u8, dst[2], tuple(shape), tuple(dt) + (1,)), into_wgt)
 
@@ -1070,6 +1069,15 @@ def _fold_bias_loads(steps, const: np.ndarray, reach: int = 64) -> Dict[int, np.
             if _touches(args2, ACC, lo, hi):
                 break
     return biases
+
+
+def _single_run(step):
+    """A `_copy_rows` step of one run of bytes per sample as `Machine._copy_run` (a slice
+    assignment, no block views); any other step as it is."""
+    fn, args = step
+    if fn is Machine._copy_rows and not args[2] and args[0][3][:2] == (1, 1):
+        return Machine._copy_run, (args[0][0], args[0][2], args[1][0], args[1][2], args[0][3][2])
+    return step
 
 
 def _touches(args, mem: int, lo: int, hi: int) -> bool:
