@@ -21,7 +21,10 @@ LOAD is folded into the MATMUL that accumulates onto it (`_fold_bias_loads`).
 Integer matrix work is exact: int8 x int8 products through `gemm.engine()` (torch._int_mm
 or K-chunked float32, whichever is faster on this CPU; int32 accumulation, the
 zero-point corrections added modulo 2^32, as the int32 accumulator does), or float64
-products (exact below 2^53) when an operand is wider than 8 bits or varies per sample. Until something per-inference is
+products (exact below 2^53) when an operand is wider than 8 bits or varies per sample. Small
+products with constant weights (digits' convolutions, classifier heads) skip the engine:
+`_kernels.madd_gemm` gathers each row of A from its view and multiplies centred int16
+pairs (`_direct_pays` says where that is faster). Until something per-inference is
 loaded into the weight buffer, what a MATMUL reads from it is the same in every run,
 so its decoded form and column sums are kept in the plan.
 
@@ -474,7 +477,8 @@ def _direct_pays(gemm, mode: str, rows: int, k: int, n: int) -> bool:
     engine's product alone while its packed weights (2 k n bytes) stayed within L2; past
     that it streams them per row. torch._int_mm, where oneDNN has VNNI kernels, runs at
     about 200 GMAC/s: the direct kernel then only takes products small enough that the
-    engine's fixed costs (im2col, conversion, the accumulator pass) dominate. Without
+    engine's fixed costs (im2col, conversion, the accumulator pass) dominate (the bound
+    `_DIRECT_INT_MM_MACS` is an estimate: no VNNI machine was at hand to time it). Without
     AVX2 its scalar loop is slower than either engine. `mode` (`gemm.direct_mode`) can
     force it on or off."""
     if mode != "auto":
