@@ -3,14 +3,14 @@
  *                                + sum_k (a[r][k] - za) * (w[k][j] - zb),
  * int32 arithmetic modulo 2^32, as the accumulator adds. Each row r of A is gathered
  * straight from the MATMUL's implicit im2col view (no im2col array, no float copy) into
- * an int16 row of centred values; B is prepared once (qc_madd_pack's layout: centred
+ * an int16 row of centred values; B is prepared once (_kernels.madd_pack's layout: centred
  * int16 weights, K in pairs, n in vectors of 8 columns). Every centred value lies in
  * [-255, 255], so a pair's products (AVX2 vpmaddwd: two int16 x int16 products summed
  * into int32) are exact and only the int32 accumulation wraps, which is associative
  * modulo 2^32: the result is bit-identical to any other order of the same sums.
  * With AVX2 (checked at run time) eight columns go per vector, four vectors per pass
  * over the row; elsewhere a scalar loop does the same sums. */
-#include "_requant.h"   /* qc_have_avx2 */
+#include "_requant.h"   /* qc_have_avx2, qc_acc_i32 */
 
 /* The rows of A: rows r = (s, i0, i1) at base + s ss + i0 s0 + i1 s1; within a row the K
  * elements are o0 x o1 runs of `run` elements (byte strides t0, t1 between runs, rs
@@ -40,12 +40,6 @@ static inline void qc_count_nonzero(const int16_t *row, ptrdiff_t k, int64_t *co
     for (ptrdiff_t t = 0; t < k; t++) count[t] += row[t] != 0;
 }
 
-/* out[j] = (assign ? col[j] : out[j] + col[j]) + v[j] for j < n (col may be NULL) */
-static inline void qc_madd_store(int32_t *out, const int32_t *v, const int32_t *col, ptrdiff_t n, int assign) {
-    for (ptrdiff_t j = 0; j < n; j++)
-        out[j] = (int32_t)((uint32_t)(assign ? 0 : out[j]) + (uint32_t)(col ? col[j] : 0) + (uint32_t)v[j]);
-}
-
 static void qc_madd_scalar(const qc_rows_t *g, const int16_t *w, ptrdiff_t kp, ptrdiff_t n, ptrdiff_t nv,
                            int32_t *acc, ptrdiff_t as, ptrdiff_t ar, const int32_t *col, int assign,
                            int64_t *count, int16_t *row, int32_t *sums) {
@@ -62,7 +56,7 @@ static void qc_madd_scalar(const qc_rows_t *g, const int16_t *w, ptrdiff_t kp, p
                         sums[j] = (int32_t)((uint32_t)sums[j] + (uint32_t)(row[2 * q] * wq[(j >> 3) * 16 + 2 * (j & 7)] +
                                                                            row[2 * q + 1] * wq[(j >> 3) * 16 + 2 * (j & 7) + 1]));
                 }
-                qc_madd_store(acc + s * as + (i0 * g->m1 + i1) * ar, sums, col, n, assign);
+                qc_acc_i32(acc + s * as + (i0 * g->m1 + i1) * ar, sums, col, 0, n, assign);
             }
 }
 
@@ -99,18 +93,8 @@ __attribute__((target("avx2"))) static inline void qc_gather_avx2(const uint8_t 
     }
 }
 
-/* QC_ADD_OUT(c, j): out[8j..8j+8) = (assign ? col : out + col) + c, or into `sums` for
- * the caller's scalar store when this block holds the last, partial vector */
-#define QC_ADD_OUT(C, J, NB)                                                                      \
-    do {                                                                                       \
-        if (part && (J) == NB - 1) { _mm256_storeu_si256((__m256i *)(sums + 8 * (J)), C); break; } \
-        __m256i o = assign ? _mm256_setzero_si256() : _mm256_loadu_si256((const __m256i *)(out + 8 * (J))); \
-        if (cv) o = _mm256_add_epi32(o, _mm256_loadu_si256((const __m256i *)(cv + 8 * (J))));  \
-        _mm256_storeu_si256((__m256i *)(out + 8 * (J)), _mm256_add_epi32(o, C));               \
-    } while (0)
-
-/* NB vectors of columns from v0: sums over K pairs of the row's pair (broadcast) times
- * the weights' vectors, added to out (a partial last vector goes through `sums`) */
+/* sums[0..8 NB) = NB vectors of columns from v0: sums over K pairs of the row's pair
+ * (broadcast) times the weights' vectors */
 #define QC_MADD_BLOCK(NB)                                                                      \
     do {                                                                                       \
         __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0;                        \
@@ -124,10 +108,10 @@ __attribute__((target("avx2"))) static inline void qc_gather_avx2(const uint8_t 
             if (NB > 2) c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(b, _mm256_loadu_si256(wq + 2))); \
             if (NB > 3) c3 = _mm256_add_epi32(c3, _mm256_madd_epi16(b, _mm256_loadu_si256(wq + 3))); \
         }                                                                                      \
-        QC_ADD_OUT(c0, 0, NB);                                                                     \
-        if (NB > 1) QC_ADD_OUT(c1, 1, NB);                                                         \
-        if (NB > 2) QC_ADD_OUT(c2, 2, NB);                                                         \
-        if (NB > 3) QC_ADD_OUT(c3, 3, NB);                                                         \
+        _mm256_storeu_si256((__m256i *)sums, c0);                                              \
+        if (NB > 1) _mm256_storeu_si256((__m256i *)(sums + 8), c1);                            \
+        if (NB > 2) _mm256_storeu_si256((__m256i *)(sums + 16), c2);                           \
+        if (NB > 3) _mm256_storeu_si256((__m256i *)(sums + 24), c3);                           \
     } while (0)
 
 __attribute__((target("avx2"))) static void qc_madd_avx2(const qc_rows_t *g, const int16_t *w, ptrdiff_t kp,
@@ -139,7 +123,7 @@ __attribute__((target("avx2"))) static void qc_madd_avx2(const qc_rows_t *g, con
     ptrdiff_t S = g->S, m0 = g->m0, m1 = g->m1, ss = g->ss, s0 = g->s0, s1 = g->s1;
     ptrdiff_t runs = g->o0 * g->o1, run = g->run, rs = g->rs, k = runs * run;
     int is_signed = g->is_signed, za = g->za;
-    ptrdiff_t s, i0, i1, q, v0, tail = n % 8;
+    ptrdiff_t s, i0, i1, q, v0;
     for (i0 = 0; i0 < g->o0; i0++)
         for (i1 = 0; i1 < g->o1; i1++) off[i0 * g->o1 + i1] = i0 * g->t0 + i1 * g->t1;
     for (s = 0; s < S; s++)
@@ -150,15 +134,12 @@ __attribute__((target("avx2"))) static void qc_madd_avx2(const qc_rows_t *g, con
                 int32_t *row_out = acc + s * as + (i0 * m1 + i1) * ar;
                 for (v0 = 0; v0 < nv; v0 += 4) {
                     ptrdiff_t nb = nv - v0 < 4 ? nv - v0 : 4;
-                    int32_t *out = row_out + 8 * v0;
-                    const int32_t *cv = col ? col + 8 * v0 : NULL;
-                    int part = v0 + nb == nv && tail;      /* the last vector is partial */
+                    ptrdiff_t cols = n - 8 * v0 < 32 ? n - 8 * v0 : 32;
                     if (nb == 4) QC_MADD_BLOCK(4);
                     else if (nb == 3) QC_MADD_BLOCK(3);
                     else if (nb == 2) QC_MADD_BLOCK(2);
                     else QC_MADD_BLOCK(1);
-                    if (part) qc_madd_store(out + 8 * (nb - 1), sums + 8 * (nb - 1), cv ? cv + 8 * (nb - 1) : NULL,
-                                            tail, assign);
+                    qc_acc_i32(row_out + 8 * v0, sums, col ? col + 8 * v0 : NULL, 0, cols, assign);
                 }
             }
 }
